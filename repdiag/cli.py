@@ -59,9 +59,12 @@ for _name in COMMAND_MODULES:
 
 def main(argv: list[str] | None = None) -> int:
     """Run the CLI and return the process exit code (0 ok, 1 regression, 2 bad input, 3 internal)."""
-    debug = "--debug" in (argv if argv is not None else sys.argv[1:])
+    args = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in args
+    if debug:  # accepted anywhere on the line, as users type it after the command
+        args = ["--debug", *[a for a in args if a != "--debug"]]
     try:
-        app(args=argv, standalone_mode=False)
+        app(args=args, standalone_mode=False)
     except typer.Exit as exc:
         return int(exc.exit_code or 0)
     except RepdiagError as exc:
@@ -73,12 +76,11 @@ def main(argv: list[str] | None = None) -> int:
     except SystemExit as exc:  # click's usage errors in standalone_mode=False still raise
         return int(exc.code or 0) if not isinstance(exc.code, str) else 2
     except Exception as exc:  # noqa: BLE001 - the top-level guard of the CLI
-        import click
-
-        if isinstance(exc, click.exceptions.ClickException):
+        # Typer vendors click: recognise its usage errors by shape (show() + exit_code) and Abort by name
+        if hasattr(exc, "show") and isinstance(getattr(exc, "exit_code", None), int):
             exc.show()
             return exc.exit_code
-        if isinstance(exc, click.exceptions.Abort):
+        if type(exc).__name__ == "Abort":
             return 130
         if debug:
             import traceback

@@ -32,7 +32,7 @@ class Chain(Protocol):
 
     order: int
 
-    def next_log_probs(self, contexts: np.ndarray) -> np.ndarray:
+    def next_logprobs(self, contexts: np.ndarray) -> np.ndarray:
         """``contexts``: int array (B, order) of the last tokens, left-padded with -1.
 
         Returns float (B, vocab) log-probabilities over token ids (``-inf`` where impossible).
@@ -54,9 +54,8 @@ class SimulationResult:
 
 
 def is_simulable(policy: "Policy") -> bool:
-    """Beam search and contrastive search are global or need hidden states: measured, not simulated."""
-    kwargs = policy.generate_kwargs()
-    return int(kwargs.get("num_beams", 1) or 1) == 1 and not kwargs.get("penalty_alpha")
+    """Per-step policies only: beam search is global and contrastive search needs hidden states."""
+    return int(policy.effective()["num_beams"] or 1) == 1 and not policy.is_contrastive and policy.measurable
 
 
 def simulate_chain(
@@ -106,7 +105,7 @@ def simulate_chain(
         contexts = context[:, max(0, end - order):end]
         if contexts.shape[1] < order:
             contexts = np.concatenate([np.full((batch, order - contexts.shape[1]), -1, np.int64), contexts], axis=1)
-        log_probs = torch.from_numpy(np.asarray(chain.next_log_probs(contexts), dtype=np.float32))
+        log_probs = torch.from_numpy(np.asarray(chain.next_logprobs(contexts), dtype=np.float32))
         scores = processors(history[:, :end], log_probs)
         if do_sample:
             probs = torch.softmax(scores, dim=-1)
@@ -118,7 +117,7 @@ def simulate_chain(
         tokens = next_tokens.numpy()
         alive = ~finished.numpy()
         generated[alive, step] = tokens[alive]
-        context[:, end] = np.where(alive, tokens, -1)
+        context[:, end] = np.where(alive, tokens, eos_token_id)  # a finished row stays in <eos>
         finished |= next_tokens == eos_token_id
         steps_done = step + 1
         if bool(finished.all()):
@@ -146,7 +145,6 @@ def simulate_policy(
     max_new_tokens: int,
     eos_token_id: int,
     pad_token_id: int,
-    vocab_size: int,
     seed: int,
     processor_kwargs: dict[str, Any] | None = None,
 ) -> SimulationResult:
@@ -160,10 +158,7 @@ def simulate_policy(
     if n_trajectories < 1:
         raise ValueError(f"n_trajectories must be >= 1, got {n_trajectories}")
     all_starts = [list(starts[i % len(starts)]) for i in range(n_trajectories)]
-    processors = policy.logits_processors(
-        eos_token_id=eos_token_id, vocab_size=vocab_size, **(processor_kwargs or {})
-    )
-    do_sample = bool(policy.generate_kwargs().get("do_sample", False))
-    return simulate_chain(chain, processors, do_sample=do_sample, starts=all_starts,
+    processors = policy.logits_processors(eos_token_id, **(processor_kwargs or {}))
+    return simulate_chain(chain, processors, do_sample=policy.do_sample, starts=all_starts,
                           max_new_tokens=max_new_tokens, eos_token_id=eos_token_id,
                           pad_token_id=pad_token_id, seed=seed)

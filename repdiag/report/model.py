@@ -50,6 +50,7 @@ __all__ = [
     "validate_report_dict",
     "higher_is_better",
     "parse_number",
+    "format_number",
 ]
 
 SCHEMA_VERSION = "1.0"
@@ -132,6 +133,26 @@ def parse_number(value: Any) -> Any:
         except (TypeError, ValueError):
             return value
     return value
+
+
+def format_number(x: Any, digits: int = 4) -> str:
+    """Short, deterministic text for a number: ``n/a``, ``inf``, integers as such, else ``.4g``."""
+    if x is None:
+        return "n/a"
+    if isinstance(x, bool):
+        return str(x).lower()
+    if isinstance(x, int):
+        return str(x)
+    if isinstance(x, str):
+        return x
+    x = float(x)
+    if math.isnan(x):
+        return "nan"
+    if math.isinf(x):
+        return "inf" if x > 0 else "-inf"
+    if x == 0:
+        return "0"
+    return f"{x:.{digits}g}"
 
 
 def _plain(value: Any) -> Any:
@@ -356,8 +377,18 @@ class AttributionEntry(_Section):
             return f"{src} → {tgt}"
         if src or tgt:
             return str(src or tgt)
-        pid = self.pair.get("id") if isinstance(self.pair, Mapping) else self.pair
-        return f"pair {pid}"
+        return f"pair {self.ident()}"
+
+    def ident(self) -> Any:
+        """The pair's id: ``pair`` itself when scalar, else ``pair.id``, else the ``index`` or ``rank`` extra."""
+        if self.pair is not None and not isinstance(self.pair, Mapping):
+            return self.pair
+        if isinstance(self.pair, Mapping) and self.pair.get("id") is not None:
+            return self.pair["id"]
+        for k in ("id", "index", "rank"):
+            if self.extra.get(k) is not None:
+                return self.extra[k]
+        return "?"
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -366,15 +397,29 @@ class Attribution(_Section):
     query: Any = None
     completeness_residual: float | None = None
     delta_m: float | None = None
+    #: the proponents, largest contribution first (may also hold opponents when ``opponents`` is empty)
     top: Sequence[AttributionEntry] = ()
+    #: the opponents, most negative first (optional)
+    opponents: Sequence[AttributionEntry] = ()
 
     @classmethod
     def _convert(cls, name: str, value: Any) -> Any:
-        if name == "top":
+        if name in ("top", "opponents"):
             if not isinstance(value, list):
-                raise BadInputError("report section attribution.top must be a list")
-            return tuple(AttributionEntry.from_dict(e, "attribution.top[]") for e in value)
+                raise BadInputError(f"report section attribution.{name} must be a list")
+            return tuple(AttributionEntry.from_dict(e, f"attribution.{name}[]") for e in value)
         return parse_number(value)
+
+    def entries(self) -> list[AttributionEntry]:
+        """Proponents and opponents together, sorted by contribution (largest first), without duplicates."""
+        seen: set[Any] = set()
+        out = []
+        for e in [*self.top, *self.opponents]:
+            key = (repr(e.ident()), e.label(), e.contribution)
+            if key not in seen:
+                seen.add(key)
+                out.append(e)
+        return sorted(out, key=lambda e: -float(e.contribution if isinstance(e.contribution, (int, float)) else 0.0))
 
 
 @dataclass(frozen=True, kw_only=True)

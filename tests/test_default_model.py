@@ -1,0 +1,109 @@
+"""The bundled default model (repdiag/default_model/): files, size, offline loading, output, model card."""
+
+from __future__ import annotations
+
+import gzip
+import json
+from pathlib import Path
+
+import pytest
+
+FOLDER = Path(__file__).resolve().parent.parent / "repdiag" / "default_model"
+REQUIRED = ["model.safetensors", "config.json", "generation_config.json", "tokenizer.json",
+            "tokenizer_config.json", "train.jsonl.gz", "heldout.jsonl.gz", "manifest.json", "metrics.json",
+            "README.md"]
+MAX_BYTES = 30 * 1024 * 1024
+
+
+def _json(name: str) -> dict:
+    return json.loads((FOLDER / name).read_text(encoding="utf-8"))
+
+
+def _pairs(name: str) -> list[dict]:
+    with gzip.open(FOLDER / name, "rt", encoding="utf-8") as fh:
+        return [json.loads(line) for line in fh if line.strip()]
+
+
+@pytest.fixture(scope="module")
+def loaded():
+    from transformers import AutoModelForSeq2SeqLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(FOLDER, local_files_only=True)
+    model = AutoModelForSeq2SeqLM.from_pretrained(FOLDER, local_files_only=True)
+    model.eval()
+    return model, tok
+
+
+def test_files_exist_and_size():
+    missing = [n for n in REQUIRED if not (FOLDER / n).is_file()]
+    assert not missing, f"missing in {FOLDER}: {missing}"
+    total = sum(p.stat().st_size for p in FOLDER.rglob("*") if p.is_file())
+    assert total <= MAX_BYTES, f"default model folder is {total / 1e6:.1f} MB (> 30 MB)"
+
+
+def test_pairs_match_manifest():
+    manifest = _json("manifest.json")
+    train, held = _pairs("train.jsonl.gz"), _pairs("heldout.jsonl.gz")
+    assert len(train) == manifest["train_pairs"] and len(held) == manifest["heldout_pairs"]
+    assert manifest["pairs_after_dedup"] == len(train) + len(held)
+    for row in train[:5] + held[:5]:
+        assert set(row) == {"id", "module", "name", "source", "target"}
+        assert row["source"] and row["target"]
+    # split by module: no module on both sides
+    assert not {r["module"] for r in train} & {r["module"] for r in held}
+    assert len(held) >= 100 and len(train) >= 10 * len(held) // 2
+
+
+def test_gzip_is_deterministic():
+    for name in ("train.jsonl.gz", "heldout.jsonl.gz"):
+        head = (FOLDER / name).read_bytes()[:10]
+        assert head[:2] == b"\x1f\x8b" and head[4:8] == b"\x00\x00\x00\x00", f"{name}: gzip mtime is not 0"
+
+
+def test_special_tokens_and_generation_config(loaded):
+    model, tok = loaded
+    assert (tok.pad_token_id, tok.eos_token_id, tok.unk_token_id) == (0, 1, 2)
+    assert tok("def f(): pass")["input_ids"][-1] == 1
+    cfg = model.config
+    assert (cfg.pad_token_id, cfg.eos_token_id, cfg.decoder_start_token_id) == (0, 1, 0)
+    gen = model.generation_config
+    assert (gen.pad_token_id, gen.eos_token_id, gen.decoder_start_token_id) == (0, 1, 0)
+    assert not gen.do_sample and gen.num_beams in (None, 1)
+    assert model.get_output_embeddings().weight.shape[0] == len(tok)
+
+
+def test_greedy_output_on_heldout(loaded):
+    import torch
+
+    model, tok = loaded
+    metrics = _json("metrics.json")
+    held = _pairs("heldout.jsonl.gz")[:3]
+    enc = tok([r["source"] for r in held], return_tensors="pt", padding=True, truncation=True,
+              max_length=metrics["settings"]["max_source_tokens"])
+    with torch.no_grad():
+        out = model.generate(**enc, max_new_tokens=24)
+    texts = tok.batch_decode(out, skip_special_tokens=True)
+    assert len(texts) == 3
+    for t in texts:
+        assert t.strip(), "empty greedy output"
+
+
+def test_model_card_states_the_recorded_figures():
+    metrics, manifest = _json("metrics.json"), _json("manifest.json")
+    card = (FOLDER / "README.md").read_text(encoding="utf-8")
+    ev = metrics["eval"]
+    ce, uni = ev["heldout_ce_nats_per_token"], ev["unigram_ce_nats_per_token"]
+    assert ce < uni - 0.3, f"held-out CE {ce} is not clearly below the unigram baseline {uni}"
+    assert ev["first_word_accuracy"] > ev["first_word_baseline"]["accuracy"]
+    expected = [
+        f"{ce:.3f}", f"{uni:.3f}", f"{metrics['parameters']:,}",
+        f"{metrics['train']['train_seconds']:.0f} s", f"{metrics['sizes_bytes']['model.safetensors'] / 1e6:.2f} MB",
+        f"{manifest['train_pairs']} training pairs", f"{manifest['heldout_pairs']} held-out pairs",
+        str(manifest["pairs_after_dedup"]), f"CPython {manifest['python_version']}",
+        f"{ev['first_word_accuracy']:.1%}", f"{ev['greedy_loops']} of {ev['heldout_pairs']}",
+        metrics["command"], "PSF License",
+    ]
+    missing = [s for s in expected if s not in card]
+    assert not missing, f"model card does not state: {missing}"
+    total = sum(p.stat().st_size for p in FOLDER.iterdir() if p.is_file())
+    assert abs(total - metrics["sizes_bytes"]["total"]) < 0.05 * total
