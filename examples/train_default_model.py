@@ -32,6 +32,7 @@ import argparse
 import ast
 import gzip
 import hashlib
+import inspect
 import io
 import json
 import math
@@ -83,9 +84,6 @@ class Pair:
 
 def first_sentence(docstring: str) -> str | None:
     """The first sentence of a docstring's first paragraph, whitespace collapsed; None if unusable."""
-    doc = textwrap.dedent(docstring).strip()
-    import inspect
-
     doc = inspect.cleandoc(docstring)
     para = re.split(r"\n\s*\n", doc, maxsplit=1)[0]
     text = " ".join(para.split())
@@ -111,7 +109,6 @@ def _strip_docstring(node: ast.AST, lines: list[str]) -> str | None:
     if len(body) < 2:
         return None                                   # nothing left but the signature
     start = min([node.lineno] + [d.lineno for d in node.decorator_list])
-    def_line_end = body[0].lineno                     # the docstring's first line
     if ds.lineno <= node.lineno or ds.end_lineno is None:
         return None                                   # one-line def: docstring on the def line
     # nothing else may share the docstring's lines
@@ -124,7 +121,7 @@ def _strip_docstring(node: ast.AST, lines: list[str]) -> str | None:
     kept = lines[start - 1: ds.lineno - 1] + lines[ds.end_lineno: node.end_lineno]
     src = textwrap.dedent("".join(kept)).strip("\n")
     src = "\n".join(line.rstrip() for line in src.splitlines())
-    return src if def_line_end and src else None
+    return src or None
 
 
 def _module_name(rel: Path) -> str:
@@ -206,6 +203,24 @@ def extract_pairs(stdlib: Path | None = None) -> tuple[list[Pair], dict]:
         "dedup_rule": "exact duplicate (source, target) pairs dropped, first occurrence kept (files in sorted order)",
     }
     return unique, manifest
+
+
+def name_words(name: str) -> str:
+    """``"_BaseV4._ip_int_from_string"`` -> ``"base v 4 ip int from string"`` (qualified name as words)."""
+    name = name.replace(".<locals>.", ".")
+    parts = re.split(r"[._]+", name)
+    words = []
+    for part in parts:
+        words += re.findall(r"[A-Z]+(?![a-z])|[A-Z]?[a-z]+|\d+", part) or ([part] if part else [])
+    return " ".join(w.lower() for w in words)
+
+
+def model_input(pair: Pair | dict, input_format: str = "name+source") -> str:
+    """The text the model reads for a pair: ``source``, or its name as words, ": ", then ``source``."""
+    name, source = (pair.name, pair.source) if isinstance(pair, Pair) else (pair["name"], pair["source"])
+    if input_format == "source":
+        return source
+    return f"{name_words(name)}: {source}"
 
 
 def heldout_module(module: str) -> bool:
@@ -290,7 +305,8 @@ def generation_config(max_new_tokens: int):
 # training
 # --------------------------------------------------------------------------------------------------
 
-def encode_pairs(tokenizer, pairs: Sequence[Pair], max_source_tokens: int, max_target_tokens: int) -> list[dict]:
+def encode_pairs(tokenizer, pairs: Sequence[Pair], max_source_tokens: int, max_target_tokens: int,
+                 input_format: str = "name+source") -> list[dict]:
     """Token ids per pair; a truncated text keeps its final </s>."""
     def enc(texts, limit):
         out = []
@@ -300,7 +316,7 @@ def encode_pairs(tokenizer, pairs: Sequence[Pair], max_source_tokens: int, max_t
             out.append(ids)
         return out
 
-    src = enc((p.source for p in pairs), max_source_tokens)
+    src = enc((model_input(p, input_format) for p in pairs), max_source_tokens)
     tgt = enc((p.target for p in pairs), max_target_tokens)
     return [{"input_ids": s, "labels": t, "example_ids": i} for i, (s, t) in enumerate(zip(src, tgt))]
 
@@ -358,10 +374,10 @@ def _trainer_class():
 
 @dataclass
 class TrainSettings:
-    epochs: float = 5.0
+    epochs: float = 3.0
     max_steps: int = -1
     batch_size: int = 32
-    learning_rate: float = 2e-3
+    learning_rate: float = 3e-3
     weight_decay: float = 0.01
     warmup: float = 0.06
     seed: int = 20210126
@@ -646,6 +662,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--max-source-tokens", type=int, default=256)
     ap.add_argument("--max-target-tokens", type=int, default=48)
     ap.add_argument("--max-new-tokens", type=int, default=48)
+    ap.add_argument("--input-format", choices=["name+source", "source"], default="name+source",
+                    help="what the model reads: the function's qualified name as words, ': ', then its source "
+                         "(default), or the source alone")
     args = ap.parse_args(argv)
 
     t_start = time.perf_counter()
@@ -668,8 +687,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         "heldout_module_names": sorted({p.module for p in held_pairs}),
         "seed": args.seed,
         "pair_fields": ["id", "module", "name", "source", "target"],
-        "model_input": "the `source` field as is; the model's output is the `target` field",
     })
+    manifest["model_input"] = (
+        "the `source` field as is" if args.input_format == "source" else
+        "name_words(`name`) + ': ' + `source`, where name_words splits the qualified name at '.', '_' and "
+        "case changes and lower-cases the words ('_BaseV4._ip_int_from_string' -> 'base v 4 ip int from string'); "
+        "see model_input() in examples/train_default_model.py") + "; the model's output is the `target` field"
+    manifest["input_format"] = args.input_format
     print(f"data: Python {manifest['python_version']} standard library: {manifest['files_scanned']} files scanned, "
           f"{manifest['files_with_pairs']} with pairs; {manifest['pairs_extracted']} pairs, "
           f"{manifest['pairs_after_dedup']} after exact dedup", flush=True)
@@ -677,10 +701,13 @@ def main(argv: Sequence[str] | None = None) -> int:
           f"({manifest['heldout_modules']} modules); rule: {SPLIT_RULE}", flush=True)
 
     # tokenizer and model ---------------------------------------------------------------------
-    tokenizer = train_tokenizer((t for p in train_pairs for t in (p.source, p.target)), args.vocab_size,
+    tokenizer = train_tokenizer((t for p in train_pairs for t in (model_input(p, args.input_format), p.target)),
+                                args.vocab_size,
                                 max_length=args.max_source_tokens)
-    train_rows = encode_pairs(tokenizer, train_pairs, args.max_source_tokens, args.max_target_tokens)
-    held_rows = encode_pairs(tokenizer, held_pairs, args.max_source_tokens, args.max_target_tokens)
+    train_rows = encode_pairs(tokenizer, train_pairs, args.max_source_tokens, args.max_target_tokens,
+                              args.input_format)
+    held_rows = encode_pairs(tokenizer, held_pairs, args.max_source_tokens, args.max_target_tokens,
+                             args.input_format)
     n_cut = sum(len(r["input_ids"]) >= args.max_source_tokens for r in train_rows)
     print(f"tokenizer: byte-level BPE, {len(tokenizer)} tokens; sources cut at {args.max_source_tokens} tokens: "
           f"{n_cut} of {len(train_rows)}", flush=True)
@@ -717,6 +744,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 "tokenizer_config.json", "special_tokens_map.json"):
         (out / old).unlink(missing_ok=True)
     model.generation_config = generation_config(args.max_new_tokens)
+    model.config.use_cache = True               # Trainer turns the KV cache off while training
     model.save_pretrained(out, safe_serialization=True)
     tokenizer.save_pretrained(out)
     write_jsonl_gz(out / "train.jsonl.gz", (p.to_dict() for p in train_pairs))
@@ -734,7 +762,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                                ("--d-ff", args.d_ff, 512), ("--layers", args.layers, 2),
                                ("--dropout", args.dropout, 0.0), ("--max-source-tokens", args.max_source_tokens, 256),
                                ("--max-target-tokens", args.max_target_tokens, 48),
-                               ("--max-new-tokens", args.max_new_tokens, 48)]:
+                               ("--max-new-tokens", args.max_new_tokens, 48),
+                               ("--input-format", args.input_format, "name+source")]:
         if val != default:
             cmd_parts.append(f"{flag} {val:g}" if isinstance(val, float) else f"{flag} {val}")
     cmd = " ".join(cmd_parts)
@@ -770,6 +799,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         metrics["sizes_bytes"] = sizes
         (out / "metrics.json").write_text(json.dumps(metrics, indent=1, sort_keys=True) + "\n", encoding="utf-8")
         write_model_card(out, manifest, metrics, cmd)
+    for p in out.iterdir():
+        if p.is_file():
+            p.chmod(0o644)                  # save_pretrained may write 0600; the package must be readable
     print(f"wrote {out} ({_dir_size(out) / 1e6:.2f} MB): {', '.join(sorted(p.name for p in out.iterdir()))}")
     return 0
 

@@ -28,8 +28,8 @@ HEADLINE_KEYS = ("zeta_n", "rho_Q", "su_R", "su_R_avg", "fu_arp", "fu_arp_correc
 def _policy_matrix(tm: "TransitionMatrix", policy: "Policy") -> tuple[Any, int]:
     """``A^π`` in a form theory accepts (residual spread first, as spec A3 requires)."""
     A = tm.to_dense() if np.any(tm.residual > 0) else tm.matrix
-    return (policy.apply(A, tm.eos_index, row_logit_shift=tm.row_logit_shift,
-                         state_tokens=tm.state_tokens if tm.order > 1 else None), tm.eos_index)
+    return policy.transform(A, tm.eos_index, row_logit_shift=tm.row_logit_shift,
+                            state_tokens=tm.state_tokens if tm.order > 1 else None)
 
 
 def su_R_ngram_cap(A: Any, eos_index: int, N: int) -> float:

@@ -64,7 +64,8 @@ def main(argv: list[str] | None = None) -> int:
     if debug:  # accepted anywhere on the line, as users type it after the command
         args = ["--debug", *[a for a in args if a != "--debug"]]
     try:
-        app(args=args, standalone_mode=False)
+        # without standalone mode click returns a command's typer.Exit code instead of raising it
+        code = app(args=args, standalone_mode=False)
     except typer.Exit as exc:
         return int(exc.exit_code or 0)
     except RepdiagError as exc:
@@ -92,7 +93,7 @@ def main(argv: list[str] | None = None) -> int:
             highlight=False,
         )
         return 3
-    return 0
+    return code if isinstance(code, int) else 0
 
 
 def _entry() -> None:  # pragma: no cover - console-script shim

@@ -14,7 +14,9 @@ A :class:`Policy` holds decoding knobs under their ``GenerationConfig`` names (`
   typical → epsilon → eta. Without sampling the row becomes one-hot at the lowest-index argmax.
   Each step reproduces the arithmetic of the corresponding ``transformers`` class (float64),
   including ``min_tokens_to_keep`` and tie handling (top-k keeps ties, typical keeps ties on the
-  score at the cut, top-p orders equal probabilities lower id first, spec §1/A11).
+  score at the cut, top-p orders equal probabilities lower id first, spec §1/A11; HF's stable
+  ascending sort keeps the *higher* id when the nucleus boundary falls exactly inside a tie, the one
+  place where the two can differ).
 * The knobs a user leaves unset take Hugging Face's global defaults, as ``generate()`` does; in
   particular ``do_sample=True`` without ``top_k`` means **top-k 50**. :meth:`Policy.resolve` merges a
   model's own ``generation_config`` the way ``generate()`` does, so the matrix transform and the run
@@ -457,14 +459,26 @@ class Policy:
         without it state ``i`` is token ``i``. A positive ``residual`` (unstored mass per row) is spread
         uniformly over the row's unstored non-eos columns first and the result is **dense** (spec A3: a
         top-K store is never a top-K policy); matrices over 4096 states with a residual raise.
-        Rebalanced encoding changes the shape: use :func:`rebalance_matrix`; here it raises.
+        Rebalanced encoding (prediction only) **changes the shape**: the merged states of
+        :func:`rebalance_matrix` (at most 50 merges) are inserted before ``<eos>`` when it is last (so it
+        stays last), else appended; the logits/shift/state-token arguments are not carried over.
         """
-        if self.effective()["rebalanced_encoding"] is not None:
-            raise PolicyError(
-                f"policy {self.name!r} (rebalanced encoding) changes the vocabulary: use "
-                "repdiag.decoding.rebalance_matrix(A, eos_index, gamma)"
-            )
         n = A.shape[0]
+        gamma = self.effective()["rebalanced_encoding"]
+        if gamma is not None:
+            if n > _DENSIFY_LIMIT:
+                raise PolicyError(
+                    f"rebalanced encoding works on dense matrices up to {_DENSIFY_LIMIT} states, got {n}: "
+                    "build a smaller matrix (fewer probe rows)"
+                )
+            if not 0 <= eos_index < n:
+                raise PolicyError(f"eos index {eos_index} is out of range for a {n}-state matrix")
+            if residual is not None and np.any(np.asarray(residual) > 0):
+                A = _spread_residual(A, np.asarray(residual, dtype=np.float64).reshape(-1), eos_index)
+            merged, new_eos, _, _ = rebalance_matrix(A, eos_index, gamma)
+            rest = {k: v for k, v in self.params.items() if k != "rebalanced_encoding"}
+            out = Policy(self.name, rest).apply(merged, new_eos)
+            return sp.csr_matrix(out) if sp.issparse(A) else out
         if residual is not None and np.any(np.asarray(residual) > 0):
             A = _spread_residual(A, np.asarray(residual, dtype=np.float64).reshape(-1), eos_index)
         if A.ndim != 2 or A.shape[1] != n:
@@ -483,6 +497,14 @@ class Policy:
         if sp.issparse(A):
             return self._apply_csr(sp.csr_matrix(A, dtype=np.float64), eos_index, shift, col_tok, hist, logits)
         return self._apply_dense(np.asarray(A, dtype=np.float64), eos_index, shift, col_tok, hist, logits)
+
+    def transform(self, A, eos_index: int, **kwargs: Any) -> tuple[np.ndarray | sp.csr_matrix, int]:
+        """``(A^π, eos index in A^π)``: :meth:`apply` plus where ``<eos>`` ended up (it moves only under
+        rebalanced encoding, which adds states; when ``<eos>`` was last it stays last)."""
+        out = self.apply(A, eos_index, **kwargs)
+        n = A.shape[0]
+        new_eos = out.shape[0] - 1 if (out.shape[0] != n and eos_index == n - 1) else eos_index
+        return out, new_eos
 
     def _apply_dense(self, A, eos, shift, col_tok, hist, logits) -> np.ndarray:
         n = A.shape[0]

@@ -172,8 +172,10 @@ class RepetitionMonitor(LogitsProcessor, StoppingCriteria):
     Parameters (all optional):
 
     * ``mode``: ``"record"`` (default: scores returned unchanged, never stops), ``"stop"`` (ends a
-      sequence at the step its token completes a loop), ``"intervene"`` (applies ``intervention``
-      only to the rows whose prefix is looping; scores of the other rows are untouched).
+      sequence at the step its token completes a loop; in beam search the looping hypothesis is
+      finalised and the others go on), ``"intervene"`` (applies ``intervention`` only to the rows
+      whose prefix is looping, from the first looping step on; scores of the other rows are
+      untouched; one host sync per step to skip the work while nothing loops).
     * ``min_period``, ``max_period``, ``min_repeats``, ``min_length``: the loop rule of
       :func:`repdiag.metrics.find_loop`; defaults = Su's ``E_k(t)``. ``max_period=None`` tries every
       period that fits (the per-step cost of ``stop``/``intervene`` grows with the length; give a
@@ -188,9 +190,16 @@ class RepetitionMonitor(LogitsProcessor, StoppingCriteria):
     * ``intervention``: for ``intervene`` mode, a ``LogitsProcessor`` (or any
       ``f(input_ids, scores) -> scores``) or a policy string for ``repdiag.decoding.parse_policy``.
     * ``track_stats``: record per-step entropy and top-1 probability (default True).
-    * ``num_beams``: the beam count of the generate() calls (``watch`` sets it). With beams, the
-      per-step statistics then follow the best running beam of each input only (rows of a beam
-      search are hypotheses reordered every step); without it they cover every beam (slower).
+    * ``num_beams``: the beam count (default: read from the running call's ``generation_config``).
+      With beams the per-step statistics follow the best running beam of each input only (rows of
+      a beam search are hypotheses, reordered every step) and are reported in the summary.
+
+    After generation, ``report(out)`` (``out`` = what ``generate()`` returned; ``watch`` passes it)
+    gives per sequence the generated tokens (prompt / decoder start removed, cut at ``<eos>``),
+    termination, loop onset / period / tokens / detection step, entropy and top-1 traces (greedy and
+    sampling) and the matrix predictions, plus a summary of ``repdiag.metrics.compute_metrics``.
+    Without ``out`` the last ``input_ids`` seen are used, which is exact for greedy and sampling
+    when the monitor is also a stopping criterion; for beam search pass ``out``.
     """
 
     supports_continuous_batching = False
@@ -227,12 +236,18 @@ class RepetitionMonitor(LogitsProcessor, StoppingCriteria):
         self.num_beams = num_beams
         if mode == "intervene" and intervention is None:
             raise ValueError("intervention is required with mode='intervene' (a LogitsProcessor or a policy name)")
+        if isinstance(intervention, str):
+            from .decoding import parse_policy
+
+            intervention = parse_policy(intervention)  # PolicyError now, not mid-generation
+        elif intervention is not None and not callable(intervention):
+            raise ValueError("intervention must be a LogitsProcessor, a callable (input_ids, scores) or a policy name")
         self.intervention = intervention
         self._intervention_fn: Any = None
         if matrix is not None:
             self._check_matrix(matrix, tokenizer)
         self._run: _Run | None = None
-        self._idx_cache: dict[tuple, tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]] = {}
+        self._idx_cache: dict[tuple, tuple] = {}
         self._zeros: dict[tuple, torch.Tensor] = {}
         self._state_lookup: dict[tuple, int] | None = None
         self._state_arrays: dict[str, np.ndarray] | None = None
@@ -324,6 +339,8 @@ class RepetitionMonitor(LogitsProcessor, StoppingCriteria):
                 run.looping = looping if run.looping is None or run.looping.shape != looping.shape else (
                     run.looping | looping)
                 looping = run.looping
+            if not bool(looping.any()):
+                return scores
             fn = self._get_intervention()
             changed = fn(input_ids, scores.clone())
             return torch.where(looping[:, None], changed, scores)
@@ -356,18 +373,28 @@ class RepetitionMonitor(LogitsProcessor, StoppingCriteria):
 
     # ----------------------------------------------------------------------------- detection
     def _tail_looping(self, input_ids: torch.Tensor, prompt_len: int) -> torch.Tensor:
-        """Per row: does the generated prefix end with a span satisfying the loop rule?"""
+        """Per row: does the generated prefix end with a span satisfying the loop rule?
+
+        For each period p the last ``need(p) − p`` lag-p comparisons of the tail must all hold; a
+        period whose span does not fit in the generated part yet is masked out. Index tensors are
+        built once per period cap (doubling when ``max_period`` is None) and reused.
+        """
         gen = input_ids.shape[1] - prompt_len
         o = self.loop_options
         r, lmin, pmin = o["min_repeats"], o["min_length"], o["min_period"]
-        pmax = o["max_period"] if o["max_period"] is not None else max(0, (gen - 1) // r)
-        periods = [p for p in range(pmin, pmax + 1) if _metrics._need(p, r, lmin) <= gen]
         rows = input_ids.shape[0]
-        if not periods:
+        if _metrics._need(pmin, r, lmin) > gen:
             return torch.zeros(rows, dtype=torch.bool, device=input_ids.device)
-        key = (periods[0], periods[-1], input_ids.device)
+        if o["max_period"] is not None:
+            cap = o["max_period"]
+        else:
+            cap = max(pmin, 8)
+            while cap < (gen - 1) // r:
+                cap *= 2
+        key = (cap, input_ids.device)
         cached = self._idx_cache.get(key)
         if cached is None:
+            periods = list(range(pmin, cap + 1))
             needs = [_metrics._need(p, r, lmin) for p in periods]
             W = max(needs)
             C = max(n - p for n, p in zip(needs, periods))
@@ -380,23 +407,25 @@ class RepetitionMonitor(LogitsProcessor, StoppingCriteria):
                 a[i, :c] = W - 1 - j
                 b[i, :c] = W - 1 - j - p
                 ignore[i, :c] = False
-            cached = (a.to(input_ids.device), b.to(input_ids.device), ignore.to(input_ids.device), W)
+            dev = input_ids.device
+            cached = (a.to(dev), b.to(dev), ignore.to(dev), W, torch.tensor(needs, device=dev))
+            if len(self._idx_cache) > 8:
+                self._idx_cache.clear()
             self._idx_cache[key] = cached
-        a, b, ignore, W = cached
-        tail = input_ids[:, -W:]
-        eq = (tail[:, a] == tail[:, b]) | ignore
-        return eq.all(-1).any(-1)
+        a, b, ignore, W, needs_t = cached
+        if input_ids.shape[1] >= W:
+            tail = input_ids[:, -W:]
+        else:
+            tail = torch.nn.functional.pad(input_ids, (W - input_ids.shape[1], 0), value=-1)
+        ok = ((tail[:, a] == tail[:, b]) | ignore).all(-1)
+        return (ok & (needs_t <= gen)).any(-1)
 
     def _get_intervention(self) -> Any:
         if self._intervention_fn is None:
             iv = self.intervention
-            if isinstance(iv, str):
-                from .decoding import parse_policy
-
+            if hasattr(iv, "logits_processors"):  # a repdiag Policy
                 eos = self._run.eos[0] if self._run is not None and self._run.eos else None
-                iv = parse_policy(iv).logits_processors(eos)
-            if not callable(iv):
-                raise ValueError("intervention must be a LogitsProcessor, a callable (input_ids, scores) or a policy name")
+                iv = iv.logits_processors(eos)
             self._intervention_fn = iv
         return self._intervention_fn
 
@@ -516,18 +545,28 @@ class RepetitionMonitor(LogitsProcessor, StoppingCriteria):
         if self.matrix is None:
             return None
         lookup, arrays = self._states()
-        k = np.asarray(self.matrix.state_tokens).shape[1]
+        st = np.asarray(self.matrix.state_tokens)
+        k = st.shape[1]
         ctx = [int(t) for t in row[max(0, pos - k + 1): pos + 1]]
-        key = tuple([-1] * (k - len(ctx)) + ctx)
-        idx = lookup.get(key)
-        j = 0
-        while idx is None and j < k - 1:  # back off to shorter contexts (left-padded with -1)
-            j += 1
-            key = tuple([-1] * j + list(key[j:]))
+        padded = [-1] * (k - len(ctx)) + ctx
+        idx: int | None = None
+        if hasattr(self.matrix, "lookup_states"):  # TransitionMatrix's own back-off (one implementation)
+            try:
+                found = int(self.matrix.lookup_states(np.asarray([padded], dtype=np.int64))[0])
+            except Exception:  # noqa: BLE001 - a token outside the matrix: no prediction
+                found = -1
+            idx = found if found >= 0 else None
+        else:
+            key = tuple(padded)
             idx = lookup.get(key)
+            j = 0
+            while idx is None and j < k - 1:  # back off to shorter contexts (left-padded with -1)
+                j += 1
+                key = tuple([-1] * j + list(key[j:]))
+                idx = lookup.get(key)
         if idx is None:
             return {"state": None, "context": ctx}
-        out: dict[str, Any] = {"state": int(idx), "context": [t for t in key if t >= 0]}
+        out: dict[str, Any] = {"state": int(idx), "context": [int(t) for t in st[idx] if t >= 0]}
         for name, arr in arrays.items():
             v = arr[idx]
             out[name] = v.item() if hasattr(v, "item") else v
@@ -536,7 +575,8 @@ class RepetitionMonitor(LogitsProcessor, StoppingCriteria):
     def _states(self) -> tuple[dict[tuple, int], dict[str, np.ndarray]]:
         if self._state_lookup is None:
             st = np.asarray(self.matrix.state_tokens)
-            self._state_lookup = {tuple(int(t) for t in r): i for i, r in enumerate(st)}
+            self._state_lookup = {} if hasattr(self.matrix, "lookup_states") else {
+                tuple(int(t) for t in r): i for i, r in enumerate(st)}
             arrays: dict[str, np.ndarray] = {}
             if self.state_predictions is not None:
                 for name, arr in self.state_predictions.items():
@@ -573,26 +613,32 @@ def _find_generation_config() -> Any:
 def _greedy_fate(matrix: Any) -> dict[str, np.ndarray]:
     """Greedy successor walk on the matrix: ``greedy_fate`` ("eos" or "loop") and the loop's period."""
     A = matrix.matrix
-    if hasattr(A, "toarray") and hasattr(A, "argmax"):
-        succ = np.asarray(A.argmax(axis=1)).ravel().astype(np.int64)
+    eos = int(matrix.eos_index)
+    if hasattr(A, "indptr"):  # CSR: argmax over the stored entries, ties to the lowest column
+        N = A.shape[0]
+        counts = np.diff(A.indptr)
+        rows = np.repeat(np.arange(N), counts)
+        data = np.asarray(A.data, dtype=np.float64)
+        rowmax = np.full(N, -np.inf)
+        np.maximum.at(rowmax, rows, data)
+        cand = np.where(data == rowmax[rows], A.indices.astype(np.int64), np.iinfo(np.int64).max)
+        succ = np.full(N, np.iinfo(np.int64).max, dtype=np.int64)
+        np.minimum.at(succ, rows, cand)
+        succ[counts == 0] = eos  # nothing stored: no greedy successor known
     else:
         succ = np.asarray(A).argmax(axis=1).astype(np.int64)
-    N = succ.shape[0]
-    eos = int(matrix.eos_index)
+        N = succ.shape[0]
     succ[eos] = eos
     land = succ.copy()
     for _ in range(max(1, int(np.ceil(np.log2(max(N, 2)))) + 1)):  # pointer doubling: land on a cycle
         land = land[land]
-    period = np.zeros(N, dtype=np.int64)
-    cyc_len: dict[int, int] = {}
-    for c in np.unique(land):
-        c = int(c)
+    cyc = np.zeros(N, dtype=np.int64)
+    for c in np.unique(land).tolist():  # landing nodes lie on the cycles (few for a functional graph)
         n, x = 1, int(succ[c])
         while x != c and n <= N:
             x, n = int(succ[x]), n + 1
-        cyc_len[c] = n
-    for i in range(N):
-        period[i] = cyc_len[int(land[i])]
+        cyc[c] = n
+    period = cyc[land]
     fate = np.where(land == eos, "eos", "loop").astype(object)
     period = np.where(land == eos, 0, period)
     return {"greedy_fate": fate, "greedy_loop_period": period}

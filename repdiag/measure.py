@@ -167,7 +167,7 @@ def generate_for_policy(
         sequences += seqs
         terminated += term
         if monitor is not None:
-            events += [seq.to_dict() if seq is not None else None for seq in monitor.report().loops]
+            events += [loop.to_dict() if loop is not None else None for loop in monitor.report(out).loops]
         else:
             events += [None] * len(seqs)
         if on_batch is not None:

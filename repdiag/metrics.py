@@ -74,6 +74,7 @@ __all__ = [
 Token = Hashable
 DEFAULT_WINDOWS: tuple[int, ...] = (16,)
 DEFAULT_REP_L: tuple[int, ...] = (16, 32, 128, 512)
+_FIND_LOOP_CELLS = 1 << 21  # periods x positions compared at once by find_loop
 SENTENCE_END = (".", "!", "?")
 
 
@@ -152,38 +153,45 @@ def find_loop(
     """The earliest-starting loop of ``seq`` (ties: the smallest period), or ``None``.
 
     The rule is in the module docstring; the defaults give Su's ``E_k(t)`` (§3.1) for every k.
-    Cost: O(L · P) vectorised over positions, P = the number of periods tried.
+    Cost: O(L · P) comparisons, vectorised over periods and positions (P = periods tried).
     """
     params = loop_params(min_period, max_period, min_repeats, min_length)
     x = _codes(seq)
     L = len(x)
     r, lmin = params["min_repeats"], params["min_length"]
-    p_hi = (L - 1) // r if params["max_period"] is None else params["max_period"]
-    best: tuple[int, int, int] | None = None  # (start, period, run of matches needed)
+    p_hi = (L - 1) // r if params["max_period"] is None else min(params["max_period"], (L - 1) // r)
+    periods = np.arange(params["min_period"], p_hi + 1, dtype=np.int64)
+    needs = np.maximum(r * periods + 1, lmin)
+    periods, needs = periods[needs <= L], needs[needs <= L]
+    best: tuple[int, int] | None = None  # (start, period)
     first_detect: int | None = None
-    for p in range(params["min_period"], p_hi + 1):
-        need = _need(p, r, lmin)
-        if need > L:
-            break  # need never decreases with p
-        c = need - p  # consecutive lag-p matches needed
-        m = x[p:] == x[:-p]
-        if c <= 0:  # cannot happen (need >= r*p+1 > p) but keep the rule total
-            c = 1
-        if len(m) < c:
+    pos = np.arange(L, dtype=np.int64)
+    chunk = max(1, _FIND_LOOP_CELLS // max(L, 1))
+    for lo in range(0, len(periods), chunk):  # all periods at once, in chunks bounding memory
+        ps, ns = periods[lo: lo + chunk], needs[lo: lo + chunk]
+        c = ns - ps  # consecutive lag-p matches needed (>= 1)
+        partner = pos[None, :] + ps[:, None]
+        inside = partner < L
+        m = np.zeros(partner.shape, dtype=bool)
+        m[inside] = np.broadcast_to(x, partner.shape)[inside] == x[partner[inside]]
+        cs = np.zeros((len(ps), L + 1), dtype=np.int32)
+        np.cumsum(m, axis=1, out=cs[:, 1:])
+        ends = pos[None, :] + c[:, None]
+        ok = ends <= (L - ps)[:, None]
+        rows = np.arange(len(ps))[:, None]
+        full = ok & ((cs[rows, np.minimum(ends, L)] - cs[:, :L]) == c[:, None])
+        has = full.any(axis=1)
+        if not has.any():
             continue
-        cs = np.concatenate(([0], np.cumsum(m, dtype=np.int64)))
-        full = np.flatnonzero(cs[c:] - cs[:-c] == c)
-        if full.size == 0:
-            continue
-        a = int(full[0])
-        det = a + need - 1
-        if first_detect is None or det < first_detect:
-            first_detect = det
-        if best is None or a < best[0]:
-            best = (a, p, c)
+        first = np.where(has, full.argmax(axis=1), L)
+        k = int(np.argmin(first))  # earliest start; ties: the smallest period (ascending order)
+        if best is None or int(first[k]) < best[0]:
+            best = (int(first[k]), int(ps[k]))
+        det = int(np.min(np.where(has, first + ns - 1, np.iinfo(np.int64).max)))
+        first_detect = det if first_detect is None else min(first_detect, det)
     if best is None:
         return None
-    a, p, _ = best
+    a, p = best
     m = x[a + p:] == x[a: L - p]
     brk = np.flatnonzero(~m)
     run = int(brk[0]) if brk.size else len(m)
@@ -247,7 +255,9 @@ def rep_r(seq: Sequence[Token]) -> float:
 
 
 def _ngrams(seq: Sequence[Token], n: int) -> list[tuple]:
-    return [tuple(seq[i: i + n]) for i in range(len(seq) - n + 1)]
+    """The ``L − n + 1`` n-grams of ``seq`` as tuples, in order."""
+    seq = list(seq)
+    return list(zip(*(seq[k:] for k in range(n))))
 
 
 def seq_rep_pooled(seq: Sequence[Token], max_n: int = 4) -> float:
@@ -590,7 +600,7 @@ def _read_lines(path: Path) -> list[str]:
     except IsADirectoryError:
         raise _bad(f"{str(path)!r} is a folder, not a file") from None
     try:
-        text = raw.decode("utf-8")
+        text = raw.decode("utf-8-sig")
     except UnicodeDecodeError as exc:
         line = raw[: exc.start].count(b"\n") + 1
         raise _bad(f"{path}: line {line} is not UTF-8 text") from None

@@ -33,6 +33,9 @@ __all__ = ["AnalyzeOptions", "AnalysisResult", "run_analysis", "PREDICTED_METRIC
 #: the metrics predicted by the chain simulation and correlated with the measurement (issue 6 item 7).
 PREDICTED_METRICS = ("rep_w16", "rep_r", "seq_rep_4")
 #: closed-form quantities shown beside the prediction as explanations (spec §7), per family.
+#: the analysis shows headline bounds only: the Monte Carlo block and the rigorous lower bounds (the
+#: costly parts of theory.compute_quantities) are left to `repdiag bounds`.
+ANALYZE_THEORY_OPTIONS = {"mc_trajectories": 2, "lower_bounds_K": 1}
 CLOSED_FORM_KEYS = ("occupation_lsr_trunc", "su_R_avg", "rho_Q", "greedy_cycle_occupancy", "fu_arp")
 
 
@@ -67,13 +70,15 @@ class AnalyzeOptions:
     order: int = 2
     top_k: int = 64
     max_probe_rows: int = 4096
+    bound_states: int = 512
     n_trajectories: int = 256
     batch_size: int = 16
     attribute: bool = True
     out: Path = Path("repdiag-report")
 
     def __post_init__(self) -> None:
-        for name in ("max_new_tokens", "order", "top_k", "n_trajectories", "batch_size", "max_probe_rows"):
+        for name in ("max_new_tokens", "order", "top_k", "n_trajectories", "batch_size", "max_probe_rows",
+                     "bound_states"):
             if getattr(self, name) < 1:
                 raise UsageError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
 
@@ -247,12 +252,12 @@ def _policy_bounds_summary(tm: Any, policies: Sequence[Any], horizon: int,
     spectra: dict[str, list] = {}
     greedy_layout = None
     stages.start("bounds per policy", total=len(policies) + 1)
-    raw = policy_bounds(tm, None, horizon=horizon)
+    raw = policy_bounds(tm, None, horizon=horizon, **ANALYZE_THEORY_OPTIONS)
     bounds["raw"] = _headline(raw, HEADLINE_KEYS)
     routes = {"raw": raw.get("route")}
     stages.advance()
     for policy in policies:
-        layout = policy_bounds(tm, policy, horizon=horizon)
+        layout = policy_bounds(tm, policy, horizon=horizon, **ANALYZE_THEORY_OPTIONS)
         bounds[policy.name] = _headline(layout, HEADLINE_KEYS)
         routes[policy.name] = layout.get("route")
         if layout.get("spectrum_Q") is not None:
@@ -263,7 +268,7 @@ def _policy_bounds_summary(tm: Any, policies: Sequence[Any], horizon: int,
     if greedy_layout is None:
         from .decoding import parse_policy
 
-        greedy_layout = policy_bounds(tm, parse_policy("do_sample=false"), horizon=horizon)
+        greedy_layout = policy_bounds(tm, parse_policy("do_sample=false"), horizon=horizon, **ANALYZE_THEORY_OPTIONS)
     return bounds, greedy_layout, spectra, routes
 
 
@@ -347,7 +352,7 @@ def _build_chain(lm: Any, trace_prompts: Any, options: AnalyzeOptions, stages: S
     chain = build_trace(lm, list(trace_prompts.prompts), order=options.order, top_k=options.top_k,
                         modes=("greedy", "sample"), max_new_tokens=options.max_new_tokens, seed=options.seed,
                         batch_size=options.batch_size, max_probe_rows=options.max_probe_rows)
-    tm, token_info = token_matrix(chain)
+    tm, token_info = token_matrix(chain, max_states=options.bound_states)
     described = chain.describe()
     section = {"builder": "trace", "order": chain.order, "top_k": options.top_k, "n_states": chain.n_states,
                "storage": described["storage"], "nnz": described["nnz"], "rows": described.get("rows", {}),
@@ -363,7 +368,7 @@ def run_analysis(options: AnalyzeOptions, stages: Stages | None = None) -> Analy
     from .measure import measure_policies
     from .mitigations import resolve_mitigations
     from .models import load_model
-    from .report import Report
+    from .report import EnvironmentInfo, Report
 
     stages = stages or Stages()
     timings: dict[str, float] = {}
@@ -409,6 +414,7 @@ def run_analysis(options: AnalyzeOptions, stages: Stages | None = None) -> Analy
         "schema_version": "1.0",
         "tool": {"name": "repdiag", "version": __version__},
         "model": lm.describe(),
+        "environment": EnvironmentInfo.current().to_dict(),
         "settings": {"seed": options.seed, "max_new_tokens": options.max_new_tokens,
                      "n_prompts": len(trace_prompts) + len(measure_prompts), "mitigations": names,
                      "order": options.order, "top_k": options.top_k, "max_probe_rows": options.max_probe_rows,

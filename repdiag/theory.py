@@ -81,7 +81,9 @@ DENSE_MAX_STATES = 4096  # spec §3.5: dense route for n ≲ 4096; also the exac
 ROW_SUM_TOL = 1e-6
 _INF = float("inf")
 _CW_ITERS = 4000  # spec §3.2
-_HUTCH_PROBES = 8  # sparse route, SCCs > 4096 states: Rademacher probes (spec suggests ≈ 32; see notes)
+_HUTCH_PROBES = 4  # sparse route, SCCs > 4096 states: Rademacher probes (spec suggests ≈ 32: cost, see notes)
+_HUTCH_KMAX_Q = 6  # sparse route, SCCs > 4096 states: Hutchinson levels of Q^k (tail certified, see notes)
+_HUTCH_KMAX_B = 8  # ... and of B^k (tr B^2k for k <= 4)
 _SERIES_RTOL = 1e-15  # series are cut when the certified tail is below this × the partial sum
 _SERIES_CAP = 20000
 
@@ -127,7 +129,7 @@ def validate_transition_matrix(A: Any, eos_index: int | None = None, residual: A
             raise MatrixFormatError(f"residual must have one entry per row ({N}); got shape {res.shape}")
         bad = np.flatnonzero(~np.isfinite(res) | (res < 0))
         if bad.size:
-            raise MatrixFormatError(f"residual of row {bad[0]} is {res[bad[0]]!r}: it must be finite and >= 0")
+            raise MatrixFormatError(f"residual of row {bad[0]} is {float(res[bad[0]])!r}: it must be finite and >= 0")
     if sp.issparse(A):
         M = sp.csr_matrix(A)
         data = np.asarray(M.data, dtype=np.float64)
@@ -135,11 +137,11 @@ def validate_transition_matrix(A: Any, eos_index: int | None = None, residual: A
         badf = ~np.isfinite(data)
         if badf.any():
             k = int(np.flatnonzero(badf)[0])
-            raise MatrixFormatError(f"row {rows[k]} column {M.indices[k]} is {data[k]!r}: entries must be finite")
+            raise MatrixFormatError(f"row {rows[k]} column {M.indices[k]} is {float(data[k])!r}: entries must be finite")
         badn = data < 0
         if badn.any():
             k = int(np.flatnonzero(badn)[0])
-            raise MatrixFormatError(f"row {rows[k]} column {M.indices[k]} is negative ({data[k]!r}): probabilities must be >= 0")
+            raise MatrixFormatError(f"row {rows[k]} column {M.indices[k]} is negative ({float(data[k])!r}): probabilities must be >= 0")
         sums = np.asarray(M.sum(axis=1), dtype=np.float64).ravel()
         eos_row = M.getrow(eos).toarray().ravel()
     else:
@@ -150,11 +152,11 @@ def validate_transition_matrix(A: Any, eos_index: int | None = None, residual: A
         badf = ~np.isfinite(D)
         if badf.any():
             i, j = np.argwhere(badf)[0]
-            raise MatrixFormatError(f"row {i} column {j} is {D[i, j]!r}: entries must be finite (no NaN/inf)")
+            raise MatrixFormatError(f"row {i} column {j} is {float(D[i, j])!r}: entries must be finite (no NaN/inf)")
         badn = D < 0
         if badn.any():
             i, j = np.argwhere(badn)[0]
-            raise MatrixFormatError(f"row {i} column {j} is negative ({D[i, j]!r}): probabilities must be >= 0")
+            raise MatrixFormatError(f"row {i} column {j} is negative ({float(D[i, j])!r}): probabilities must be >= 0")
         sums = D.sum(axis=1)
         eos_row = D[eos]
     if res is not None:
@@ -163,12 +165,12 @@ def validate_transition_matrix(A: Any, eos_index: int | None = None, residual: A
     if bad.size:
         i = int(bad[0])
         what = "row sum plus residual" if res is not None else "row sum"
-        raise MatrixFormatError(f"row {i} does not sum to 1 ({what} = {sums[i]!r}, tolerance 1e-6): renormalise the rows")
+        raise MatrixFormatError(f"row {i} does not sum to 1 ({what} = {float(sums[i])!r}, tolerance 1e-6): renormalise the rows")
     off = eos_row.copy()
     off[eos] = 0.0
     if abs(eos_row[eos] - 1.0) > ROW_SUM_TOL or off.max(initial=0.0) > ROW_SUM_TOL or (res is not None and res[eos] > ROW_SUM_TOL):
         raise MatrixFormatError(
-            f"<eos> row {eos} is not absorbing (A[{eos},{eos}] = {eos_row[eos]!r}): set A[eos, eos] = 1 and the rest of that row to 0"
+            f"<eos> row {eos} is not absorbing (A[{eos},{eos}] = {float(eos_row[eos])!r}): set A[eos, eos] = 1 and the rest of that row to 0"
         )
     return eos
 
@@ -247,35 +249,13 @@ class _Op:
     def diag(self) -> np.ndarray:
         return self.C.diagonal() + self.v
 
-    def diag_sq(self, mutual: "_Mutual") -> np.ndarray:
+    def diag_sq(self) -> np.ndarray:
         """``(X²)_ii = Σ_j X_ij X_ji`` exactly, O(nnz)."""
-        d = mutual.rowsum(self.C.data)
+        d = np.asarray(self.C.multiply(self.C.T.tocsr()).sum(axis=1)).ravel()
         if self.has_v:
             col = np.asarray(self.C.sum(axis=0)).ravel()
             d = d + self.v * col + self.C @ self.v + self.v * self.v.sum()
         return d
-
-
-class _Mutual:
-    """Index pairs (k, k') with (i, j) at position k and (j, i) at k' of one CSR structure."""
-
-    def __init__(self, C: sp.csr_matrix):
-        n = C.shape[0]
-        rows = np.repeat(np.arange(n, dtype=np.int64), np.diff(C.indptr))
-        cols = C.indices.astype(np.int64)
-        key = rows * n + cols  # sorted (CSR with sorted indices)
-        keyT = cols * n + rows
-        pos = np.searchsorted(key, keyT)
-        pos = np.minimum(pos, max(key.size - 1, 0))
-        ok = key.size > 0
-        hit = (key[pos] == keyT) if ok else np.zeros(0, bool)
-        self.k = np.flatnonzero(hit)
-        self.kT = pos[hit]
-        self.rows = rows[hit]
-        self.n = n
-
-    def rowsum(self, data: np.ndarray) -> np.ndarray:
-        return np.bincount(self.rows, weights=data[self.k] * data[self.kT], minlength=self.n)
 
 
 @dataclass
@@ -289,7 +269,6 @@ class _Chain:
     Bst: sp.csr_matrix | None = None  # stored positive non-eos entries
     u: np.ndarray | None = None  # residual per unstored non-eos entry of each row
     ops: dict = field(default_factory=dict)
-    _mutual: _Mutual | None = None
 
     # ---- construction
     @classmethod
@@ -314,7 +293,7 @@ class _Chain:
                 for i in rows:
                     if cnt[i] == 0:
                         if res[i] > ROW_SUM_TOL:
-                            raise MatrixFormatError(f"row {i} has residual {res[i]!r} but no unstored non-eos column to hold it")
+                            raise MatrixFormatError(f"row {i} has residual {float(res[i])!r} but no unstored non-eos column to hold it")
                         continue
                     Bd[i, zero[i]] = res[i] / cnt[i]
             return cls(n=n, dense=True, b=b, Bd=Bd)
@@ -332,19 +311,60 @@ class _Chain:
         bad = pos & (free == 0) & (res > ROW_SUM_TOL)
         if bad.any():
             i = int(np.flatnonzero(bad)[0])
-            raise MatrixFormatError(f"row {i} has residual {res[i]!r} but no unstored non-eos column to hold it")
+            raise MatrixFormatError(f"row {i} has residual {float(res[i])!r} but no unstored non-eos column to hold it")
         ok = pos & (free > 0)
         u[ok] = res[ok] / free[ok]
         return cls(n=n, dense=False, b=b, Bst=Bst, u=u)
 
     # ---- operators (sparse route)
-    def op(self, which: str) -> _Op:
+    def rows(self) -> np.ndarray:
+        if "rows" not in self.ops:
+            self.ops["rows"] = np.repeat(np.arange(self.n, dtype=np.int32), np.diff(self.Bst.indptr))
+        return self.ops["rows"]
+
+    def transposed(self) -> tuple[np.ndarray, sp.csr_matrix]:
+        """(perm, T): ``T`` is the CSR structure of the transpose; ``data[perm]`` is its data."""
+        if "T" not in self.ops:
+            idt = np.int32 if self.Bst.nnz < 2**31 - 1 else np.int64
+            P = sp.csr_matrix((np.arange(self.Bst.nnz, dtype=idt), self.Bst.indices, self.Bst.indptr),
+                              shape=self.Bst.shape).T.tocsr()
+            P.sort_indices()
+            perm = P.data
+            P.data = np.empty(0)
+            self.ops["T"] = (perm, P)
+        return self.ops["T"]
+
+    def exact_diags(self, which: str, K: int) -> list[np.ndarray]:
+        """``diag(X^k)`` for ``k = 1..K`` of the full matrix (``k ≥ 3`` only while ``K_t`` allows)."""
+        key = ("diag", which)
+        have = self.ops.get(key, [])
+        if len(have) >= K:
+            return have[:K]
+        X = self.op(which, cache=False)
+        out = [X.diag()]
+        perm, T = self.transposed()
+        XT = sp.csr_matrix((X.C.data[perm], T.indices, T.indptr), shape=X.C.shape, copy=False)
+        d2 = np.asarray(X.C.multiply(XT).sum(axis=1)).ravel()
+        if X.has_v:
+            col = np.asarray(X.C.sum(axis=0)).ravel()
+            d2 = d2 + X.v * col + X.C @ X.v + X.v * X.v.sum()
+        out.append(d2)
+        if K >= 3:
+            Xe = X.explicit()
+            P = Xe @ Xe
+            for _ in range(3, K + 1):
+                P = Xe @ P
+                out.append(P.diagonal())
+        self.ops[key] = out
+        return out[:K]
+
+    def op(self, which: str, cache: bool = True) -> _Op:
         if which in self.ops:
             return self.ops[which]
         Bst, u = self.Bst, self.u
-        rows = np.repeat(np.arange(self.n), np.diff(Bst.indptr))
+        rows = self.rows()
         if which == "B":
-            data = Bst.data - u[rows]
+            data = Bst.data - u[rows] if np.any(u) else Bst.data  # shares Bst's data without residual
             v = u
         elif which == "Q":
             data = Bst.data**2 - (u**2)[rows]
@@ -355,14 +375,11 @@ class _Chain:
             v = h
         else:  # pragma: no cover
             raise KeyError(which)
-        C = sp.csr_matrix((data, Bst.indices, Bst.indptr), shape=Bst.shape)
+        C = sp.csr_matrix((data, Bst.indices, Bst.indptr), shape=Bst.shape, copy=False)
+        if which == "S" and not cache:
+            return _Op(C, v)
         self.ops[which] = _Op(C, v)
         return self.ops[which]
-
-    def mutual(self) -> _Mutual:
-        if self._mutual is None:
-            self._mutual = _Mutual(self.Bst)
-        return self._mutual
 
     # ---- generic products on B (both routes)
     def B_matvec(self, x):
@@ -453,13 +470,23 @@ def _sccs(ch: _Chain) -> list[np.ndarray]:
 # --------------------------------------------------------------------------------------------
 
 
-def _cw_iterate(matvec, x0: np.ndarray, iters: int, shift: float = 1.0, stop_width: float = 0.0):
-    """Power iteration on ``M + shift·I`` from ``x0``; returns ``(lo, hi, x)`` for ``M`` (spec §3.2)."""
+def _cw_iterate(matvec, x0: np.ndarray, iters: int, shift: float = 1.0, stop_width: float = 0.0,
+                adaptive: bool = False):
+    """Power iteration on ``M + shift·I`` from ``x0``; returns ``(lo, hi, x)``, the Collatz–Wielandt
+    bracket of ``M`` at the final ``x`` (spec §3.2). Stops early at a numerical fixed point, or
+    (``stop_width > 0``) when the bracket is that narrow relative to ``hi``. ``adaptive`` resets the
+    shift to ``hi/4`` every 10 steps (breaks periodicity, converges faster when ``ρ`` is small)."""
     x = np.array(x0, dtype=np.float64)
     x /= x.max()
+    y = matvec(x)
     prev_delta = None
     for it in range(iters):
-        y = matvec(x)
+        if stop_width > 0 or (adaptive and it % 10 == 9):
+            lo, hi = _cw_ratio(y, x)
+            if stop_width > 0 and hi - lo <= stop_width * max(hi, 1e-300):
+                return lo, hi, x
+            if adaptive and it % 10 == 9 and hi > 0:
+                shift = 0.25 * hi
         z = y + shift * x
         mz = z.max()
         if not mz > 0:
@@ -467,19 +494,24 @@ def _cw_iterate(matvec, x0: np.ndarray, iters: int, shift: float = 1.0, stop_wid
         z /= mz
         delta = float(np.max(np.abs(z - x)))
         x = z
+        y = matvec(x)
         if delta == 0.0:
             break
-        if stop_width > 0 and it % 10 == 9:
-            lo, hi = _cw_bracket_at(matvec, x)
-            if hi - lo <= stop_width * max(hi, 1e-300):
-                break
         if prev_delta is not None and delta < 1e-15 and prev_delta > 0:
             rate = delta / prev_delta
             if rate < 1 and delta * rate / (1 - rate) < 1e-15:
                 break
         prev_delta = delta
-    lo, hi = _cw_bracket_at(matvec, x)
+    lo, hi = _cw_ratio(y, x)
     return lo, hi, x
+
+
+def _cw_ratio(y, x):
+    pos = x > 0
+    if not pos.any():
+        return 0.0, 0.0
+    ratio = y[pos] / x[pos]
+    return float(max(ratio.min(), 0.0)), float(ratio.max())
 
 
 def _cw_bracket_at(matvec, x):
@@ -539,15 +571,42 @@ def _eigvals(M: np.ndarray) -> np.ndarray:
 
 
 def _small_block(ch: _Chain, idx: np.ndarray, zeta_n: float, sparse_mult: bool) -> _Block:
+    """A cyclic SCC handled exactly: dense block solves for ``r_i`` and the Fu closed form.
+
+    Spectral radii: LAPACK eigenvalues (dense route, or blocks of ≤ 256 states); on the sparse route
+    larger blocks use the Collatz–Wielandt power iteration to a 1e-14 bracket (eigenvalues only as
+    the fallback), and (r-2) is then summed as a certified series instead of the eigenvalue form."""
     blk = _Block(idx=idx, size=idx.size, exact=True)
+    c = idx.size
     Bc = ch.block_dense(idx, "B")
     Qc = Bc * Bc
     Sc = (Bc > 0).astype(np.float64)
-    blk.eigB = _eigvals(Bc)
-    eigQ = _eigvals(Qc)
-    blk.rhoB = float(np.max(np.abs(blk.eigB)))
-    blk.rhoQ = float(np.max(np.abs(eigQ)))
-    c = idx.size
+    use_eig = (not sparse_mult) or c <= 256
+    # the products of the powers loop: CSR when the block is sparse (same numbers, far faster)
+    sparse_mult = sparse_mult or (c > 64 and np.count_nonzero(Sc) < 0.1 * c * c)
+    if sparse_mult:
+        Bm, Sm, Qm = sp.csr_matrix(Bc), sp.csr_matrix(Sc), sp.csr_matrix(Qc)
+    else:
+        Bm, Sm, Qm = Bc, Sc, Qc
+    if use_eig:
+        blk.eigB = _eigvals(Bc)
+        eigQ = _eigvals(Qc)
+        blk.rhoB = float(np.max(np.abs(blk.eigB)))
+        blk.rhoQ = float(np.max(np.abs(eigQ)))
+        lo, hi, _ = _cw_iterate(lambda x: Qm @ x, np.ones(c), _CW_ITERS, stop_width=1e-14)
+        blk.cw = (lo, hi)
+    else:
+        rhos = []
+        for M, Mdense in ((Bm, Bc), (Qm, Qc)):
+            lo0, hi0 = _cw_ratio(M @ np.ones(c), np.ones(c))
+            lo, hi, _ = _cw_iterate(lambda x: M @ x, np.ones(c), _CW_ITERS, shift=0.25 * max(hi0, 1e-300),
+                                    stop_width=1e-14, adaptive=True)
+            if hi - lo > 1e-12 * max(hi, 1e-300):  # slow convergence: LAPACK
+                rho = float(np.max(np.abs(_eigvals(Mdense))))
+            else:
+                rho = 0.5 * (lo + hi)
+            rhos.append((rho, (lo, hi)))
+        (blk.rhoB, _), (blk.rhoQ, blk.cw) = rhos
     if blk.rhoQ >= 1.0 - DIVERGENCE_TOL:
         blk.r = np.full(c, _INF)
     else:
@@ -560,14 +619,9 @@ def _small_block(ch: _Chain, idx: np.ndarray, zeta_n: float, sparse_mult: bool) 
             blk.fu_closed = float(np.trace(Y))
         else:
             blk.fu_closed = _INF
-    # Collatz–Wielandt bracket for the block (sparse route reports the per-SCC combination)
-    lo, hi, _ = _cw_iterate(lambda x: Qc @ x, np.ones(c), _CW_ITERS, stop_width=1e-14)
-    blk.cw = (lo, hi)
-    if sparse_mult:
-        blk.Bmat, blk.Smat, Qm = sp.csr_matrix(Bc), sp.csr_matrix(Sc), sp.csr_matrix(Qc)
-    else:
-        blk.Bmat, blk.Smat, Qm = Bc, Sc, Qc
+    blk.Bmat, blk.Smat = Bm, Sm
     blk._Qm = Qm  # type: ignore[attr-defined]
+    blk._sparse = sparse_mult  # type: ignore[attr-defined]
     return blk
 
 
@@ -580,7 +634,8 @@ def _tail_geo(m: float, q: float, k: int) -> float:
     return m * q ** (k + 1) / (1.0 - q)
 
 
-def _powers_loop(blk: _Block, zeta_n: float, K_t: int, K_lb: int, K_mc: int, corr_conv: bool, fu_conv: bool) -> None:
+def _powers_loop(blk: _Block, zeta_n: float, K_t: int, K_lb: int, K_mc: int, corr_conv: bool, fu_conv: bool,
+                 m_tot: float = 0.0, rho_max: float = 0.0) -> None:
     """Diagonals of B^k, Q^k, S^k on one exact block until every series that needs them is
     certified to 1e-15 relative (or its fixed length is reached)."""
     c = blk.size
@@ -633,7 +688,10 @@ def _powers_loop(blk: _Block, zeta_n: float, K_t: int, K_lb: int, K_mc: int, cor
             b_done = _tail_geo(m, qf, k // 2) <= _SERIES_RTOL * max(cumFu, 1e-300)
         if b_done and k < 2 * K_mc and not fu_conv:
             b_done = False  # the truncated Monte Carlo reference needs every term up to 2K
+        if b_done and blk.eigB is None and corr_conv and zeta_n > 0:  # (r-2) summed as a series
+            b_done = _tail_geo(m_tot * m, rho_max * rhoB / zeta_n, k) <= _SERIES_RTOL * max(cumCorr, 1e-300)
         needB = not b_done
+    blk._PS = PS  # type: ignore[attr-defined]
 
 
 # --------------------------------------------------------------------------------------------
@@ -642,105 +700,159 @@ def _powers_loop(blk: _Block, zeta_n: float, K_t: int, K_lb: int, K_mc: int, cor
 
 
 def _rho_large(op: _Op, seed: int) -> tuple[float, tuple[float, float], np.ndarray]:
+    """Perron root of an irreducible non-negative block given by matvecs: shifted power iteration
+    with the Collatz–Wielandt bracket (certified), ARPACK ``eigs(k=1)`` as the fallback start."""
     c = op.C.shape[0]
-    L = spla.LinearOperator((c, c), matvec=op.matvec, dtype=np.float64)
     x0 = np.ones(c)
-    rho = None
-    try:
-        vals, vecs = spla.eigs(L, k=1, which="LM", v0=x0, tol=1e-13, maxiter=5000, ncv=min(c, 24))
-        rho = float(abs(vals[0]))
-        x0 = np.abs(vecs[:, 0].real)
-        x0 = np.maximum(x0, x0.max() * 1e-12)
-    except Exception:  # ARPACK failure: power iteration only
-        pass
-    shift = rho if rho and rho > 0 else 1.0
-    lo, hi, x = _cw_iterate(op.matvec, x0, 300, shift=shift, stop_width=1e-11)
-    if rho is None:
-        rho = 0.5 * (lo + hi)
-    rho = min(max(rho, lo), hi)
-    return rho, (lo, hi), x
-
-
-def _block_ops(ch: _Chain, idx: np.ndarray) -> tuple[_Op, _Op, _Op]:
-    """B, Q, S of one block as ``C + v 1ᵀ`` sharing one CSR structure."""
-    Bst = ch.Bst[idx][:, idx].tocsr()
-    Bst.sort_indices()
-    u = ch.u[idx]
-    c = idx.size
-    rows = np.repeat(np.arange(c), np.diff(Bst.indptr))
-    h = (u > 0).astype(np.float64)
-    mk = lambda data: sp.csr_matrix((data, Bst.indices, Bst.indptr), shape=(c, c))
-    Bo = _Op(mk(Bst.data - u[rows]), u)
-    Qo = _Op(mk(Bst.data**2 - (u**2)[rows]), u**2)
-    So = _Op(mk(1.0 - h[rows]), h)
-    return Bo, Qo, So
+    lo0, hi0 = _cw_bracket_at(op.matvec, x0)
+    shift = 0.25 * hi0 if hi0 > 0 else 1.0
+    lo, hi, x = _cw_iterate(op.matvec, x0, 200, shift=shift, stop_width=1e-12)
+    if hi - lo > 1e-10 * max(hi, 1e-300):
+        try:
+            L = spla.LinearOperator((c, c), matvec=lambda v: op.matvec(np.ravel(v)), dtype=np.float64)
+            vals, vecs = spla.eigs(L, k=1, which="LM", v0=x, tol=1e-13, maxiter=5000, ncv=min(c - 1, 24))
+            rho = float(abs(vals[0]))
+            y = np.abs(vecs[:, 0].real)
+            y = np.maximum(y, y.max() * 1e-12)
+            lo2, hi2, x2 = _cw_iterate(op.matvec, y, 300, shift=rho, stop_width=1e-12)
+            if hi2 - lo2 < hi - lo:
+                lo, hi, x = lo2, hi2, x2
+        except Exception:  # ARPACK failure: keep the power-iteration bracket
+            pass
+    return 0.5 * (lo + hi), (lo, hi), x
 
 
 def _large_block(ch: _Chain, idx: np.ndarray, zeta_n: float, K_t: int, K_mc: int, seed: int, probes: int) -> _Block:
+    """A cyclic SCC of more than 4096 states (sparse route only).
+
+    Works on the full-size operators with vectors supported on the block: closed walks and walks
+    between two states of one SCC never leave it, so ``(X^k)_ii`` and ``zᵀX^k z`` (``z`` supported
+    on ``C``) equal their block values; no block copy is made.
+    """
     blk = _Block(idx=idx, size=idx.size, exact=False)
-    c = idx.size
-    Bo, Qo, So = _block_ops(ch, idx)
-    blk.rhoB, _, _ = _rho_large(Bo, seed)
-    blk.rhoQ, blk.cw, _ = _rho_large(Qo, seed)
-    mut = _Mutual(Bo.C)
-    dB1, dQ1, dS1 = Bo.diag(), Qo.diag(), So.diag()
-    dB2, dQ2, dS2 = Bo.diag_sq(mut), Qo.diag_sq(mut), So.diag_sq(mut)
-    blk.dB = [dB1, dB2]
-    blk.dQ = [dQ1, dQ2]
-    blk.dS = [dS1, dS2]
-    # exact traces k <= K_t by explicit sparse powers (K_t keeps them small)
-    if K_t >= 3:
-        Bx, Qx, Sx = Bo.explicit(), Qo.explicit(), So.explicit()
-        PB, PQ, PS = Bx @ Bx, Qx @ Qx, Sx @ Sx
-        for k in range(3, K_t + 1):
-            PB, PQ, PS = Bx @ PB, Qx @ PQ, Sx @ PS
-            blk.dB.append(PB.diagonal())
-            blk.dQ.append(PQ.diagonal())
-            blk.dS.append(PS.diagonal())
+    n, c = ch.n, idx.size
+    mask = np.zeros(n, dtype=bool)
+    mask[idx] = True
+    Bo, Qo = ch.op("B"), ch.op("Q")
+
+    def restricted(op):
+        def mv(x):
+            if x.ndim == 2:  # scipy's multi-vector CSR kernel is ~2x slower than column loops
+                y = np.column_stack([op.matvec(np.ascontiguousarray(x[:, j])) for j in range(x.shape[1])])
+            else:
+                y = op.matvec(x)
+            y[~mask] = 0.0
+            return y
+
+        return mv
+
+    mvB, mvQ = restricted(Bo), restricted(Qo)
+    blk.rhoB, _, _ = _rho_masked(mvB, mask)
+    blk.rhoQ, blk.cw, _ = _rho_masked(mvQ, mask)
+    if K_t <= 2 and not np.any(ch.u):
+        # one product B∘Bᵀ gives all three: (B²)_ii, (Q²)_ii = Σ (B_ij B_ji)², (S²)_ii = #mutual pairs
+        perm, T = ch.transposed()
+        C = ch.Bst
+        M = C.multiply(sp.csr_matrix((C.data[perm], T.indices, T.indptr), shape=C.shape, copy=False)).tocsr()
+        M.eliminate_zeros()
+        d1 = C.diagonal()
+        dB2 = np.asarray(M.sum(axis=1)).ravel()
+        M.data **= 2
+        dQ2 = np.asarray(M.sum(axis=1)).ravel()
+        dS2 = np.diff(M.indptr).astype(np.float64)
+        del M
+        blk.dB = [d1[idx], dB2[idx]][:max(K_t, 2)]
+        blk.dQ = [(d1**2)[idx], dQ2[idx]]
+        blk.dS = [(d1 > 0).astype(np.float64)[idx], dS2[idx]]
+    else:
+        blk.dB = [d[idx] for d in ch.exact_diags("B", max(K_t, 2))]
+        blk.dQ = [d[idx] for d in ch.exact_diags("Q", max(K_t, 2))]
+        blk.dS = [d[idx] for d in ch.exact_diags("S", max(K_t, 2))]
     kex = len(blk.dB)
     rng = np.random.default_rng(seed)
-    Z = rng.integers(0, 2, size=(c, probes)).astype(np.float64) * 2 - 1
+    Z = np.zeros((n, probes))
+    Z[idx] = rng.integers(0, 2, size=(c, probes)).astype(np.float64) * 2 - 1
     m = float(c)
-    # Q powers: r_i and tr Q^k for k > kex by Hutchinson until the certified tail is negligible
+    # Q powers: r_i and tr Q^k for k > kex by Hutchinson until the certified tail m·ρ̂^(k+1)/(1−ρ̂)
+    # is below 1e-12 of the sum or a tenth of the estimate's standard error
     rq = blk.cw[1]
     cumQ = float(sum(d.sum() for d in blk.dQ))
     YQ = Z
     Rprobe = np.zeros(probes)
     dQ_est = []
-    for k in range(1, 61):
-        YQ = Qo.matvec(YQ)
+    for k in range(1, max(kex, _HUTCH_KMAX_Q) + 1):
+        YQ = mvQ(YQ)
         if k <= kex:
             continue
-        if rq < 1 - DIVERGENCE_TOL and _tail_geo(m, rq, k - 1) <= 1e-12 * max(cumQ, 1e-300) and k > K_mc:
-            break
-        per = (Z * YQ).sum(axis=0)
+        if rq < 1 - DIVERGENCE_TOL and dQ_est:
+            se = float(Rprobe.std(ddof=1) / math.sqrt(probes)) if probes > 1 else 0.0
+            if _tail_geo(m, rq, k - 1) <= max(1e-12 * max(cumQ, 1e-300), se):
+                break
+        prod = Z[idx] * YQ[idx]
+        per = prod.sum(axis=0)
         blk.trQ_extra[k] = float(per.mean())
         blk.trQ_se[k] = float(per.std(ddof=1) / math.sqrt(probes)) if probes > 1 else 0.0
         Rprobe += per
-        dQ_est.append((k, (Z * YQ).mean(axis=1)))
+        dQ_est.append((k, prod.mean(axis=1)))
         cumQ += max(per.mean(), 0.0)
     blk._dQ_est = dQ_est  # type: ignore[attr-defined]
+    blk.R_tail = _tail_geo(m, rq, (dQ_est[-1][0] if dQ_est else kex))  # type: ignore[attr-defined]
+    blk.kQ = dQ_est[-1][0] if dQ_est else kex  # type: ignore[attr-defined]
     if blk.rhoQ >= 1 - DIVERGENCE_TOL:
         blk.r = np.full(c, _INF)
     else:
-        r = sum(blk.dQ)
+        exact = sum(blk.dQ)
+        r = exact.copy()
         for _, d in dQ_est:
             r = r + d
-        blk.r = np.maximum(r, sum(blk.dQ))
+        blk.r = np.maximum(r, exact)
         blk.R_se = float(Rprobe.std(ddof=1) / math.sqrt(probes)) if probes > 1 and dQ_est else 0.0
-    # B powers: tr B^k for k > kex (Fu series up to 2·K_mc and r2)
+    # B powers: tr B^k for k > kex (Fu series up to 2·K_mc, and r2)
     YB = Z
     rB = blk.rhoB
-    for k in range(1, 2 * max(K_mc, 10) + 1):
-        YB = Bo.matvec(YB)
+    Fprobe = np.zeros(probes)
+    cumF = float(blk.dB[1].sum()) / zeta_n if zeta_n > 0 else 0.0
+    for k in range(1, min(2 * K_mc, max(kex, _HUTCH_KMAX_B)) + 1):
+        YB = mvB(YB)
         if k <= kex:
             continue
-        if zeta_n > 0 and rB**2 < zeta_n and _tail_geo(m, rB**2 / zeta_n, k // 2) <= 1e-13 and k > 6:
-            break
-        per = (Z * YB).sum(axis=0)
+        if k % 2 == 1 and zeta_n > 0 and rB**2 < zeta_n and k > 3:
+            se = float(Fprobe.std(ddof=1) / math.sqrt(probes)) if probes > 1 else 0.0
+            if _tail_geo(m, rB**2 / zeta_n, (k - 1) // 2) <= max(1e-12 * max(cumF, 1e-300), se):
+                break
+        per = (Z[idx] * YB[idx]).sum(axis=0)
+        if k % 2 == 0 and zeta_n > 0:
+            Fprobe += per / zeta_n ** (k // 2)
+            cumF += max(per.mean(), 0.0) / zeta_n ** (k // 2)
         blk.trB_extra[k] = float(per.mean())
         blk.trB_se[k] = float(per.std(ddof=1) / math.sqrt(probes)) if probes > 1 else 0.0
+    kB = max([kex] + list(blk.trB_extra))
+    blk.F_se = float(Fprobe.std(ddof=1) / math.sqrt(probes)) if probes > 1 else 0.0  # type: ignore[attr-defined]
+    blk.F_tail = (_tail_geo(m, rB**2 / zeta_n, kB // 2) if zeta_n > 0 else 0.0)  # type: ignore[attr-defined]
     return blk
+
+
+def _rho_masked(mv, mask: np.ndarray) -> tuple[float, tuple[float, float], np.ndarray]:
+    """Perron root of an irreducible block given by a masked matvec: shifted power iteration with
+    the Collatz–Wielandt bracket (certified); ARPACK ``eigs(k=1)`` when it converges slowly."""
+    n = mask.size
+    x0 = mask.astype(np.float64)
+    lo0, hi0 = _cw_bracket_at(mv, x0)
+    shift = 0.25 * hi0 if hi0 > 0 else 1.0
+    lo, hi, x = _cw_iterate(mv, x0, 200, shift=shift, stop_width=1e-12, adaptive=True)
+    if hi - lo > 1e-10 * max(hi, 1e-300):
+        try:
+            L = spla.LinearOperator((n, n), matvec=lambda v: mv(np.ravel(v)), dtype=np.float64)
+            vals, vecs = spla.eigs(L, k=1, which="LM", v0=x, tol=1e-13, maxiter=5000, ncv=min(n - 1, 24))
+            rho = float(abs(vals[0]))
+            y = np.abs(vecs[:, 0].real) * mask
+            y = np.where(mask, np.maximum(y, y.max() * 1e-12), 0.0)
+            lo2, hi2, x2 = _cw_iterate(mv, y, 300, shift=rho, stop_width=1e-12)
+            if hi2 - lo2 < hi - lo:
+                lo, hi, x = lo2, hi2, x2
+        except Exception:  # ARPACK failure: keep the power-iteration bracket
+            pass
+    return 0.5 * (lo + hi), (lo, hi), x
 
 
 # --------------------------------------------------------------------------------------------
@@ -756,6 +868,43 @@ def greedy_next(A) -> np.ndarray:
     A = np.asarray(A, dtype=np.float64)
     n = A.shape[0] - 1
     return np.argmax(A[:n], axis=1).astype(np.int64)
+
+
+def _greedy_next_csr(Bst: sp.csr_matrix, b: np.ndarray, u: np.ndarray | None) -> np.ndarray:
+    """Greedy ``f`` from the stored non-eos part (sorted CSR), the <eos> column ``b`` and the
+    residual value ``u_i`` of each unstored non-eos entry; ties to the lowest index."""
+    n = Bst.shape[0]
+    indptr, indices, data = Bst.indptr, Bst.indices, Bst.data
+    lens = np.diff(indptr)
+    nz = lens > 0
+    rowmax = np.full(n, -1.0)
+    if nz.any():
+        rowmax[nz] = np.maximum.reduceat(data, indptr[:-1][nz])
+    rows = np.repeat(np.arange(n), lens)
+    pos = np.flatnonzero(data == rowmax[rows])
+    uniq, firstpos = np.unique(rows[pos], return_index=True)
+    f = np.full(n, n, dtype=np.int64)
+    f[uniq] = indices[pos[firstpos]]
+    f[b > rowmax] = n  # <eos> strictly larger (its index n is the highest, so ties stay)
+    best = np.maximum(rowmax, b)
+    if u is not None and np.any(u > 0):
+        for i in np.flatnonzero(u >= best * (1 - 0) if False else u > 0):
+            if u[i] < best[i]:
+                continue
+            stored = indices[indptr[i] : indptr[i + 1]]
+            j0 = 0
+            for sj in stored:
+                if sj == j0:
+                    j0 += 1
+                elif sj > j0:
+                    break
+            if j0 >= n:
+                continue
+            if u[i] > best[i]:
+                f[i] = j0
+            else:
+                f[i] = min(f[i], j0)
+    return f
 
 
 def _greedy_next_sparse(A: sp.csr_matrix, u: np.ndarray | None) -> np.ndarray:
@@ -885,20 +1034,26 @@ def greedy_graph(next_: Sequence[int] | np.ndarray, n: int | None = None) -> dic
 
 
 def _reach_to(ch: _Chain, targets_mask: np.ndarray, include_eos: bool) -> np.ndarray:
-    """States (of the n) that can reach a target state (or <eos> if include_eos), incl. targets."""
+    """States (of the n) that can reach a target state (or <eos> if include_eos), incl. targets.
+
+    Reverse BFS from a super-sink on the support graph (with the virtual residual node), O(nnz)."""
     n = ch.n
-    G = ch.support_graph()  # n or n+1 nodes (virtual residual node)
-    Nn = G.shape[0]
-    sink = Nn  # super target
-    rows = []
+    if "GT" not in ch.ops:
+        if not ch.dense and not np.any(ch.u):
+            _, T = ch.transposed()  # the transpose of the stored structure is already there
+            ch.ops["GT"] = sp.csr_matrix((np.ones(T.indices.size, dtype=np.int8), T.indices, T.indptr), shape=T.shape)
+        else:
+            ch.ops["GT"] = ch.support_graph().T.tocsr()
+    GT = ch.ops["GT"]
+    Nn = GT.shape[0]
+    src = [np.flatnonzero(targets_mask)]
     if include_eos:
-        rows.append(np.flatnonzero(ch.b > 0))
-    rows.append(np.flatnonzero(targets_mask))
-    src = np.concatenate(rows) if rows else np.zeros(0, np.int64)
-    extra = sp.csr_matrix((np.ones(src.size, dtype=np.int8), (src, np.full(src.size, sink))), shape=(Nn + 1, Nn + 1))
-    G2 = sp.vstack([sp.hstack([G, sp.csr_matrix((Nn, 1), dtype=np.int8)]), sp.csr_matrix((1, Nn + 1), dtype=np.int8)]).tocsr()
-    G2 = (G2 + extra).tocsr()
-    order = csgraph.breadth_first_order(G2.T.tocsr(), sink, directed=True, return_predecessors=False)
+        src.append(np.flatnonzero(ch.b > 0))
+    src = np.unique(np.concatenate(src)).astype(GT.indices.dtype)
+    indptr = np.concatenate([GT.indptr, [GT.indptr[-1] + src.size]])
+    indices = np.concatenate([GT.indices, src])
+    R = sp.csr_matrix((np.ones(indices.size, dtype=np.int8), indices, indptr), shape=(Nn + 1, Nn + 1))
+    order = csgraph.breadth_first_order(R, Nn, directed=True, return_predecessors=False)
     mask = np.zeros(Nn + 1, dtype=bool)
     mask[order] = True
     return mask[:n]
@@ -912,10 +1067,17 @@ def _solve_sub(ch: _Chain, idx: np.ndarray, rhs: np.ndarray) -> np.ndarray:
     if ch.dense or c <= DENSE_MAX_STATES:
         M = np.eye(c) - ch.block_dense(idx, "B")
         return scipy.linalg.solve(M, rhs, check_finite=False)
-    Bo = ch.op("B").block(idx)
-    L = spla.LinearOperator((c, c), matvec=lambda x: x - Bo.matvec(x), dtype=np.float64)
+    Bf = ch.op("B")
+
+    def mv(x):
+        full = np.zeros(ch.n)
+        full[idx] = np.ravel(x)
+        return np.ravel(x) - Bf.matvec(full)[idx]
+
+    L = spla.LinearOperator((c, c), matvec=mv, dtype=np.float64)
     x, info = spla.gmres(L, rhs, rtol=1e-13, atol=0.0, restart=40, maxiter=200)
     if info != 0:
+        Bo = Bf.block(idx)
         Mx = sp.identity(c, format="csc") - Bo.explicit().tocsc()
         x = spla.spsolve(Mx, rhs)
     return np.asarray(x)
@@ -954,6 +1116,9 @@ def default_mc_trajectories(n: int) -> int:
 
 
 class _Sampler:
+    """Vectorised sampler of the chain: per row the stored non-eos entries, then ``<eos>``, then a
+    residual pseudo-entry (resolved uniformly over the unstored non-eos columns)."""
+
     def __init__(self, ch: _Chain):
         n = ch.n
         self.n = n
@@ -965,34 +1130,35 @@ class _Sampler:
             u = ch.u
         Bs.sort_indices()
         K = np.diff(Bs.indptr)
-        resid = u * (n - K)
-        # per row: stored non-eos entries, then <eos> (column n), then residual pseudo-entry (-1)
         cnt = K + 2
-        indptr = np.concatenate([[0], np.cumsum(cnt)])
+        indptr = np.zeros(n + 1, dtype=np.int64)
+        np.cumsum(cnt, out=indptr[1:])
         tot = int(indptr[-1])
-        cols = np.empty(tot, dtype=np.int64)
-        probs = np.empty(tot)
-        rows = np.repeat(np.arange(n), K)
         start = indptr[:-1]
-        within = np.arange(Bs.indices.size) - np.repeat(Bs.indptr[:-1], K)
-        posS = np.repeat(start, K) + within
+        # positions of the stored entries: each row's block shifted by 2 per previous row
+        posS = np.arange(Bs.indices.size, dtype=np.int64)
+        posS += np.repeat(2 * np.arange(n, dtype=np.int64), K)
+        cols = np.empty(tot, dtype=np.int32)
         cols[posS] = Bs.indices
-        probs[posS] = Bs.data
         cols[start + K] = n
-        probs[start + K] = ch.b
         cols[start + K + 1] = -1
-        probs[start + K + 1] = resid
-        rowid = np.repeat(np.arange(n), cnt)
         cum = np.empty(tot)
-        cs = np.cumsum(probs)
-        base = np.concatenate([[0.0], cs[indptr[1:-1] - 1]]) if n > 0 else np.zeros(0)
-        cum = cs - np.repeat(base, cnt)
-        self.rowtot = cum[indptr[1:] - 1]
-        self.cumg = cum + rowid * 2.0  # monotone: each row occupies [2i, 2i + total)
+        cum[posS] = Bs.data
+        del posS
+        cum[start + K] = ch.b
+        cum[start + K + 1] = u * (n - K)
+        np.cumsum(cum, out=cum)
+        base = np.zeros(n)
+        if n > 1:
+            base[1:] = cum[indptr[1:-1] - 1]
+        base -= 2.0 * np.arange(n)  # monotone: row i occupies [2i, 2i + total)
+        cum -= np.repeat(base, cnt)
+        self.rowtot = cum[indptr[1:] - 1] - 2.0 * np.arange(n)
+        self.cumg = cum
         self.indptr = indptr
+        self.depth = int(np.ceil(np.log2(int(cnt.max(initial=1)) + 1))) + 1
         self.cols = cols
         self.Bs = Bs
-        del rows
 
     def step(self, x: np.ndarray, rng: np.random.Generator) -> np.ndarray:
         n = self.n
@@ -1001,9 +1167,19 @@ class _Sampler:
         xs = x[alive]
         if xs.size == 0:
             return out
+        srt = np.argsort(xs, kind="stable")  # monotone gathers below: far fewer cache misses
+        xs = xs[srt]
         uu = rng.random(xs.size) * self.rowtot[xs]
-        pos = np.searchsorted(self.cumg, xs * 2.0 + uu, side="right")
-        pos = np.minimum(pos, self.indptr[xs + 1] - 1)
+        target = xs * 2.0 + uu
+        # row-local bisection: first position in [lo, hi) with cumg > target (cache friendly)
+        lo = self.indptr[xs].copy()
+        hi = self.indptr[xs + 1] - 1
+        for _ in range(self.depth):
+            mid = (lo + hi) >> 1
+            right = self.cumg[mid] <= target
+            lo = np.where(right, mid + 1, lo)
+            hi = np.where(right, hi, mid)
+        pos = np.minimum(lo, self.indptr[xs + 1] - 1)
         nxt = self.cols[pos]
         res = np.flatnonzero(nxt < 0)
         if res.size:
@@ -1022,7 +1198,9 @@ class _Sampler:
                 choice[pending[~stored]] = cand[~stored]
                 pending = pending[stored]
             nxt[res] = choice
-        out[alive] = nxt
+        back = np.empty_like(nxt)
+        back[srt] = nxt
+        out[alive] = back
         return out
 
 
@@ -1032,7 +1210,7 @@ def _monte_carlo(ch: _Chain, K: int, M: int, zeta_n: float, seed: int) -> dict:
     smp = _Sampler(ch)
     starts = np.repeat(np.arange(n, dtype=np.int64), M)
     L = 2 * K
-    X = np.empty((L + 1, starts.size), dtype=np.int64)
+    X = np.empty((L + 1, starts.size), dtype=np.int32 if n < 2**31 - 1 else np.int64)
     X[0] = starts
     for t in range(1, L + 1):
         X[t] = smp.step(X[t - 1], rng)
@@ -1227,7 +1405,9 @@ def _f(x) -> float:
 
 
 def _flist(v) -> list[float]:
-    return [_f(x) for x in np.asarray(v, dtype=np.float64).ravel()]
+    a = np.array(v, dtype=np.float64).ravel()
+    a[np.isnan(a)] = _INF
+    return a.tolist()
 
 
 def _uniform_pi0(n: int) -> np.ndarray:
@@ -1293,6 +1473,7 @@ def compute_quantities(
     ch = _Chain.build(M_lay, res, dense=(route == "dense"))
     partial: list[str] = []
     notes: dict[str, str] = {}
+    estimates: dict[str, dict] = {}
 
     # ---- §1 basics
     deg = ch.out_degree()
@@ -1325,7 +1506,7 @@ def compute_quantities(
     fu_conv = zeta_n > 0 and zeta_n > rhoB**2 + DIVERGENCE_TOL
     for bk in blocks:
         if bk.exact:
-            _powers_loop(bk, zeta_n, K_t, K_lb, K_mc, corr_conv=fu_conv, fu_conv=fu_conv)
+            _powers_loop(bk, zeta_n, K_t, K_lb, K_mc, corr_conv=fu_conv, fu_conv=fu_conv, m_tot=float(m), rho_max=rhoB)
 
     def dlist(bk: _Block, which: str, k: int) -> np.ndarray | None:
         L = getattr(bk, which)
@@ -1349,8 +1530,13 @@ def compute_quantities(
     R = _INF if np.isinf(r).any() else float(r.sum())
     if not exact_all:
         partial += ["su_R", "su_R_per_state", "su_R_avg"]
-        notes["su_R"] = ("SCCs > 4096 states: exact k<=2 traces + Hutchinson estimate of k>=3 "
-                         f"({hutchinson_probes} probes, se {sum(bk.R_se for bk in blocks):.3g}) until the certified tail m·rho^(K+1)/(1-rho) < 1e-12")
+        big = [bk for bk in blocks if not bk.exact]
+        estimates["su_R"] = {"se": math.sqrt(sum(bk.R_se ** 2 for bk in big)),
+                             "tail_bound": float(sum(bk.R_tail for bk in big))}
+        notes["su_R"] = ("SCCs > 4096 states: exact k<=2 traces + Hutchinson estimate of the k>=3 terms "
+                         f"({hutchinson_probes} Rademacher probes, k <= {max(bk.kQ for bk in big)}; standard error "
+                         f"{math.sqrt(sum(bk.R_se ** 2 for bk in big)):.3g}; certified tail bound m*rho^(K+1)/(1-rho) = "
+                         f"{sum(bk.R_tail for bk in big):.3g})")
     div_R = rhoQ >= 1.0 - DIVERGENCE_TOL
     if div_R:
         dom = up_c = up_n = _INF
@@ -1405,7 +1591,12 @@ def compute_quantities(
                         if k % 2 == 0 and k >= 4:
                             fu += v / zeta_n ** (k // 2)
             partial.append("fu_arp")
-            notes["fu_arp"] = "SCCs > 4096 states: exact tr(B^2) + Hutchinson tr(B^2k), k>=2, tail certified with rho(B)^2/zeta_n"
+            big = [bk for bk in blocks if not bk.exact]
+            estimates["fu_arp"] = {"se": math.sqrt(sum(bk.F_se ** 2 for bk in big)),
+                                   "tail_bound": float(sum(bk.F_tail for bk in big))}
+            notes["fu_arp"] = ("SCCs > 4096 states: exact tr(B^2) + Hutchinson tr(B^2k) for k >= 2 "
+                               f"(standard error {math.sqrt(sum(bk.F_se ** 2 for bk in big)):.3g}; certified tail bound "
+                               f"m*q^(K+1)/(1-q), q = rho(B)^2/zeta_n: {sum(bk.F_tail for bk in big):.3g})")
         fu_corr = 0.0
         for bk in blocks:
             for k, d in enumerate(bk.dB, start=1):
@@ -1415,26 +1606,29 @@ def compute_quantities(
         if not exact_all:
             partial.append("fu_arp_corrected")
             notes["fu_arp_corrected"] = "SCCs > 4096 states: k<=2 terms of diag(B^k) only (spec §13), a lower estimate"
-        if exact_all:
+        if all(bk.eigB is not None for bk in blocks):
             lam = np.concatenate([bk.eigB for bk in blocks]) if blocks else np.zeros(0, complex)
             X = np.outer(lam, lam) / zeta_n
             r2 = float(np.real(np.sum(X / (1.0 - X)))) if lam.size else 0.0
-        else:
+        else:  # the series Σ_k (tr B^k)² / ζn^k with a certified tail (spec §3.3 route 2)
             r2 = 0.0
-            for k in range(1, 61):
+            for k in range(1, _SERIES_CAP + 1):
                 t = 0.0
                 for bk in blocks:
-                    if bk.exact:
+                    if bk.eigB is not None:
                         t += float(np.real(np.sum(bk.eigB**k)))
                     elif k <= len(bk.dB):
                         t += float(bk.dB[k - 1].sum())
-                    else:
+                    elif not bk.exact:
                         t += bk.trB_extra.get(k, 0.0)
                 r2 += t * t / zeta_n**k
-                if _tail_geo(m * m, rhoB**2 / zeta_n, k) <= 1e-13 * max(r2, 1e-300):
+                if _tail_geo(float(m) * m, rhoB**2 / zeta_n, k) <= _SERIES_RTOL * max(r2, 1e-300):
                     break
-            partial.append("su_estimate_r2")
-            notes["su_estimate_r2"] = "SCCs > 4096 states: series with Hutchinson tr(B^k) for k>=3"
+                if not exact_all and k >= 60:
+                    break
+            if not exact_all:
+                partial.append("su_estimate_r2")
+                notes["su_estimate_r2"] = "SCCs > 4096 states: series with Hutchinson tr(B^k) for k>=3"
     r3 = n * fu_corr if np.isfinite(fu_corr) else _INF
     if not exact_all:
         partial.append("su_estimate_r3")
@@ -1461,9 +1655,7 @@ def compute_quantities(
     if ch.dense:
         f = np.argmax(np.concatenate([ch.Bd, ch.b[:, None]], axis=1), axis=1).astype(np.int64)
     else:
-        Af = sp.hstack([ch.Bst, sp.csr_matrix(ch.b[:, None])]).tocsr()
-        Af = sp.vstack([Af, sp.csr_matrix(([1.0], ([0], [n])), shape=(1, n + 1))]).tocsr()
-        f = _greedy_next_sparse(Af, ch.u)
+        f = _greedy_next_csr(ch.Bst, ch.b, ch.u)
     gr = greedy_graph(f, n)
     has_cycle = len(gr["cycles"]) > 0
     g_zn = float(np.sum(f < n)) / n
@@ -1601,18 +1793,24 @@ def compute_quantities(
     if route == "sparse":
         out["partial"] = sorted(set(partial))
         out["notes"] = notes
+        out["estimates"] = estimates
     if eos != N - 1:
         out["state_order"] = [int(x) for x in order[:n]]
     return out
 
 
 def _trace_S_newton(ch: _Chain, bk: _Block, k: int) -> float:
-    """``tr(S_C^k)`` from the eigenvalues of ``S_C`` (rounded to an integer), used only past the
-    block's own certified stop (its B terms are then negligible, but the global trace-CS
-    denominator still needs ``tr S_C^k``)."""
+    """``tr(S_C^k)`` past the block's own certified stop (its B terms are then negligible, but the
+    global trace-CS denominator still needs ``tr S_C^k``): more sparse powers on the sparse route,
+    the eigenvalues of ``S_C`` (rounded to an integer) on the dense route."""
+    if not bk.exact:
+        return 0.0
+    if getattr(bk, "_sparse", False):
+        while len(bk.dS) < k:
+            bk._PS = bk.Smat @ bk._PS  # type: ignore[attr-defined]
+            bk.dS.append(np.diag(bk._PS).copy())  # type: ignore[attr-defined]
+        return float(bk.dS[k - 1].sum())
     if bk.eigS is None:
-        if not bk.exact:
-            return 0.0
         Sc = bk.Smat.toarray() if sp.issparse(bk.Smat) else bk.Smat
         bk.eigS = _eigvals(Sc)
     t = float(np.real(np.sum(bk.eigS**k)))

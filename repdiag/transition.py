@@ -87,7 +87,7 @@ DENSE_MAX_STATES = 2048
 FULL_ROWS_MAX_VOCAB = 1024
 DEFAULT_TOP_K = 64
 #: the trace accumulates complete float64 rows (exact) up to this vocabulary size, else top-4K rows.
-TRACE_DENSE_MAX_VOCAB = 4096
+TRACE_DENSE_MAX_VOCAB = 1024
 
 #: encoder inputs / decoder-only contexts used when the caller gives no prompts (generic, short).
 BUILTIN_PROMPTS: tuple[str, ...] = (
@@ -303,6 +303,21 @@ class TransitionMatrix:
         """``log`` of :meth:`next_distribution` (``-inf`` where the probability is 0)."""
         with np.errstate(divide="ignore"):
             return np.log(self.next_distribution(contexts))
+
+    def next_logits(self, contexts: np.ndarray) -> np.ndarray:
+        """Logit-scale scores ``log p + c_s`` (``c_s`` = :attr:`row_logit_shift`, 0 where unknown).
+
+        Softmax-equivalent to :meth:`next_logprobs`; the shift matters only to processors that look at
+        the sign or scale of a logit (repetition penalty's sign rule). ``c_s`` is exact for a
+        single-prompt probe row and the mean log-normaliser of the steps (trace) or prompts (probe
+        mean) otherwise.
+        """
+        states = self.lookup_states(contexts)
+        out = self.next_logprobs(contexts)
+        if self.row_logit_shift is not None:
+            c = np.nan_to_num(self.row_logit_shift[states], nan=0.0)
+            out += c[:, None]
+        return out
 
     def row_for_context(self, tokens: Sequence[int] | np.ndarray) -> ContextRow:
         """One context's state and its stored entries in token space (sorted by token id)."""
@@ -695,6 +710,27 @@ class _RowStore:
             self.residual[s] = max(0.0, 1.0 - float(v.sum()))
             self.source[s] = source
 
+    def put_topk(self, states: np.ndarray, toks: np.ndarray, vals: np.ndarray, eos_vals: np.ndarray,
+                 source: int) -> None:
+        """Rows given by their top-K tokens ``(B, K)``, probabilities ``(B, K)`` and eos probability ``(B,)``."""
+        eos = self.eos
+        has_eos = (toks == eos).any(axis=1)
+        order = np.argsort(toks, axis=1, kind="stable")
+        toks = np.take_along_axis(toks, order, axis=1).astype(np.int64)
+        vals = np.take_along_axis(vals, order, axis=1).astype(np.float64)
+        sums = vals.sum(axis=1)
+        for m, s in enumerate(np.asarray(states).tolist()):
+            t, v = toks[m], vals[m]
+            total = sums[m]
+            if not has_eos[m]:
+                pos = int(np.searchsorted(t, eos))
+                t = np.insert(t, pos, eos)
+                v = np.insert(v, pos, eos_vals[m])
+                total += eos_vals[m]
+            self.tokens[s], self.probs[s] = t, v
+            self.residual[s] = max(0.0, 1.0 - float(total))
+            self.source[s] = source
+
     def put_sparse(self, state: int, toks: np.ndarray, vals: np.ndarray, source: int) -> None:
         """A row given as (token ids, probabilities), already including the eos column."""
         K = self.K
@@ -905,16 +941,39 @@ def _step_logits(lm: "LoadedModel", ctx: _PromptContext, tokens: "Any") -> "Any"
 
 
 def _probe_dense_rows(lm: "LoadedModel", contexts: list[_PromptContext], tokens: np.ndarray, *,
-                      batch_size: int, per_prompt: bool, progress: Callable[[int], None] | None):
-    """Yield ``(token ids, mean probs (B, V) float64, logit shift or None, per-prompt probs or None)``."""
+                      batch_size: int, per_prompt: bool, progress: Callable[[int], None] | None,
+                      top_k: int | None = None):
+    """Yield ``(token ids, rows, logit shift or None, per-prompt probs or None)`` per batch.
+
+    ``rows`` is the mean probability matrix ``(B, V)`` float64 over the prompts, or — on the fast path
+    (one prompt, ``top_k < V``, no per-prompt rows) — a tuple ``(top tokens (B, K), top probs (B, K),
+    eos probs (B,))``: one top-k on the logits and one log-sum-exp per row (the exponentials in the
+    model's float precision, summed in float64), no V-wide float64 softmax.
+    """
     import torch
 
     dev = lm.device
     P = len(contexts)
+    V = lm.vocab_size
+    eos = lm.eos_token_id
+    fast = P == 1 and not per_prompt and top_k is not None and top_k < V
     with torch.inference_mode():
         for lo in range(0, len(tokens), batch_size):
             chunk = np.asarray(tokens[lo:lo + batch_size], dtype=np.int64)
             t = torch.from_numpy(chunk).to(dev)
+            if fast:
+                logits = _step_logits(lm, contexts[0], t)
+                if logits.dtype not in (torch.float32, torch.float64):
+                    logits = logits.float()
+                mx = logits.max(dim=-1, keepdim=True).values
+                lse = mx.squeeze(-1).double() + torch.log(torch.exp(logits - mx).sum(dim=-1, dtype=torch.float64))
+                top_v, top_i = torch.topk(logits, top_k, dim=-1, sorted=False)
+                p_top = torch.exp(top_v.double() - lse[:, None])
+                p_eos = torch.exp(logits[:, eos].double() - lse)
+                yield chunk, (top_i.cpu().numpy(), p_top.cpu().numpy(), p_eos.cpu().numpy()), lse.cpu().numpy(), None
+                if progress is not None:
+                    progress(len(chunk))
+                continue
             acc = None
             shift = None
             each = [] if per_prompt else None
@@ -922,8 +981,7 @@ def _probe_dense_rows(lm: "LoadedModel", contexts: list[_PromptContext], tokens:
                 logits = _step_logits(lm, ctx, t).to(torch.float64)
                 lse = torch.logsumexp(logits, dim=-1, keepdim=True)
                 probs = torch.exp(logits - lse)
-                if P == 1:
-                    shift = lse.squeeze(-1)
+                shift = lse.squeeze(-1) / P if shift is None else shift + lse.squeeze(-1) / P
                 if each is not None:
                     each.append(probs.cpu().numpy())
                 if acc is None:
@@ -935,6 +993,13 @@ def _probe_dense_rows(lm: "LoadedModel", contexts: list[_PromptContext], tokens:
             yield chunk, acc.cpu().numpy(), (None if shift is None else shift.cpu().numpy()), each
             if progress is not None:
                 progress(len(chunk))
+
+
+def _put_rows(store: "_RowStore", chunk: np.ndarray, rows: Any, source: int) -> None:
+    if isinstance(rows, tuple):
+        store.put_topk(chunk, rows[0], rows[1], rows[2], source)
+    else:
+        store.put_dense(chunk, rows, source)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -1009,20 +1074,18 @@ def build_probe(
     ids = _select_rows(lm, contexts, rows)
     st = _one_gram_states(V, 1)
     store = _RowStore(V, V, lm.eos_token_id, K)
-    shift = np.full(V, np.nan) if len(prompts) == 1 else None
+    shift = np.full(V, np.nan)
     stores_pp = [_RowStore(V, V, lm.eos_token_id, K) for _ in prompts] if keep_per_prompt and len(prompts) > 1 else None
-    done = 0
     total = len(ids)
     tick = (lambda n: progress(n, total)) if progress is not None else None
     for chunk, probs, lse, each in _probe_dense_rows(lm, contexts, ids, batch_size=batch_size,
-                                                    per_prompt=stores_pp is not None, progress=tick):
-        store.put_dense(chunk, probs, ROW_PROBE)
+                                                    per_prompt=stores_pp is not None, progress=tick, top_k=K):
+        _put_rows(store, chunk, probs, ROW_PROBE)
         if shift is not None and lse is not None:
             shift[chunk] = lse
         if stores_pp is not None:
             for sp_, pr in zip(stores_pp, each):
                 sp_.put_dense(chunk, pr, ROW_PROBE)
-        done += len(chunk)
     dense = _want_dense(storage, V, K, V)
     meta = _base_meta(lm, "probe", 1, K, prompts)
     meta["label"] = "probe rows, mean over prompts" if len(prompts) > 1 else "probe rows, one prompt"
@@ -1132,7 +1195,7 @@ def build_trace(
     modes: Sequence[str] = ("greedy", "sample"),
     max_new_tokens: int = 64,
     seed: int = 0,
-    batch_size: int = 16,
+    batch_size: int = 64,
     min_count: int = 1,
     probe_fallback: bool = True,
     max_probe_rows: int = 4096,
@@ -1185,7 +1248,11 @@ def build_trace(
     n_steps = 0
     n_steps_full = 0
     sequences: list[dict] = []
+    lse_sums: list[np.ndarray] = [np.zeros(0) for _ in range(order)]  # Σ log-normaliser per slot
     tokenized = [_encode(lm, p) if lm.kind == "causal" else (_encode(lm, p) or [eos]) for p in prompts]
+    for n, ids in enumerate(tokenized):
+        if not ids:
+            raise UsageError(f"prompt {n} is empty and the tokenizer adds no BOS token: give every prompt some text")
     jobs = [(mode, lo) for mode in modes for lo in range(0, len(prompts), batch_size)]
     total = len(jobs)
     with torch.inference_mode(), torch.random.fork_rng(devices=[]):
@@ -1193,82 +1260,94 @@ def build_trace(
         for done, (mode, lo) in enumerate(jobs):
             batch = tokenized[lo:lo + batch_size]
             seqs, inp, mask = _generate(lm, batch, do_sample=(mode == "sample"), max_new_tokens=max_new_tokens)
-            gen, valid, hist, _plen, logits = _teacher_forced_probs(lm, inp, mask, seqs)
-            Bn, T = gen.shape
-            for b in range(Bn):
-                sequences.append({"mode": mode, "prompt_index": lo + b, "tokens": gen[b][valid[b]].tolist()})
-            # history before step t: hist[:, : offset + t]; its last `order` tokens form the context
-            H = hist.shape[1]
-            offset = H - T + 1  # hist index of the token right before step 0 is offset-1
-            bi, ti = torch.nonzero(valid, as_tuple=True)
-            if len(bi) == 0:
-                continue
-            idx_last = (offset - 1 + ti)
-            ctx = torch.full((len(bi), order), -1, dtype=torch.long)
-            for j in range(order):
-                pos = idx_last - (order - 1 - j)
-                okp = pos >= 0
-                ctx[okp, j] = hist[bi[okp], pos[okp]]
-            ctx_np = ctx.numpy()
-            # a -1 cuts the context: tokens left of it are not history
-            for j in range(order - 2, -1, -1):
-                ctx_np[:, j] = np.where(ctx_np[:, j + 1] < 0, -1, ctx_np[:, j])
-            keep = (ctx_np[:, -1] >= 0) & (ctx_np[:, -1] != eos)
-            probs = torch.softmax(logits[bi, ti].to(torch.float64), dim=-1)
-            keep_t = torch.from_numpy(keep)
-            probs = probs[keep_t]
-            ctx_np = ctx_np[keep]
-            if len(ctx_np) == 0:
-                continue
-            sq = (probs * probs).sum(dim=1).numpy()
-            sumsq_total += float(sq.sum())
-            full_ctx = ctx_np[:, 0] >= 0
-            sumsq_full += float(sq[full_ctx].sum())
-            n_steps += len(ctx_np)
-            n_steps_full += int(full_ctx.sum())
-            if not exact:
-                top_v, top_i = torch.topk(probs, K_acc, dim=1)
-                top_v, top_i = top_v.numpy(), top_i.numpy()
-                eos_p = probs[:, eos].numpy()
-            for level in range(1, order + 1):
-                sub = ctx_np[:, order - level:]
-                ok = sub[:, 0] >= 0
-                if not ok.any():
+            # the teacher-forced pass in sub-batches whose logits stay under ~256 MiB
+            sub = max(1, int(2**28 // (4 * seqs.shape[1] * V)))
+            for sb in range(0, seqs.shape[0], sub):
+                gen, valid, hist, _plen, logits = _teacher_forced_probs(lm, inp[sb:sb + sub], mask[sb:sb + sub], seqs[sb:sb + sub])
+                Bn, T = gen.shape
+                for b in range(Bn):
+                    sequences.append({"mode": mode, "prompt_index": lo + sb + b, "tokens": gen[b][valid[b]].tolist()})
+                # history before step t: hist[:, : offset + t]; its last `order` tokens form the context
+                H = hist.shape[1]
+                offset = H - T + 1  # hist index of the token right before step 0 is offset-1
+                bi, ti = torch.nonzero(valid, as_tuple=True)
+                if len(bi) == 0:
                     continue
-                keys = _context_keys(sub[ok], base)
-                table = slots[level - 1]
-                ids = np.empty(len(keys), dtype=np.int64)
-                for m, key in enumerate(keys.tolist()):
-                    slot = table.get(key)
-                    if slot is None:
-                        slot = len(table)
-                        table[key] = slot
-                        counts[level - 1].append(0)
-                    ids[m] = slot
-                cnt = counts[level - 1]
-                for s in ids.tolist():
-                    cnt[s] += 1
-                rows_ok = torch.from_numpy(np.flatnonzero(ok))
+                idx_last = (offset - 1 + ti)
+                ctx = torch.full((len(bi), order), -1, dtype=torch.long)
+                for j in range(order):
+                    pos = idx_last - (order - 1 - j)
+                    okp = pos >= 0
+                    ctx[okp, j] = hist[bi[okp], pos[okp]]
+                ctx_np = ctx.numpy()
+                # a -1 cuts the context: tokens left of it are not history
+                for j in range(order - 2, -1, -1):
+                    ctx_np[:, j] = np.where(ctx_np[:, j + 1] < 0, -1, ctx_np[:, j])
+                keep = (ctx_np[:, -1] >= 0) & (ctx_np[:, -1] != eos)
+                keep_t = torch.from_numpy(keep)
+                step_logits = logits[bi, ti].to(torch.float64)[keep_t]
+                step_lse = torch.logsumexp(step_logits, dim=-1, keepdim=True)
+                probs = torch.exp(step_logits - step_lse)
+                step_lse = step_lse.squeeze(-1).numpy()
+                ctx_np = ctx_np[keep]
+                if len(ctx_np) == 0:
+                    continue
                 if exact:
-                    need = len(table)
-                    acc = dense_sums[level - 1][0] if dense_sums[level - 1] else torch.zeros((0, V), dtype=torch.float64)
-                    if need > acc.shape[0]:
-                        grown = torch.zeros((max(need, 2 * acc.shape[0], 256), V), dtype=torch.float64)
-                        grown[: acc.shape[0]] = acc
-                        acc = grown
-                    acc.index_add_(0, torch.from_numpy(ids), probs[rows_ok])
-                    dense_sums[level - 1] = [acc]
+                    sq = (probs * probs).sum(dim=1).numpy()
                 else:
-                    okn = np.flatnonzero(ok)
-                    r = np.repeat(ids, K_acc)
-                    c = top_i[okn].ravel()
-                    v = top_v[okn].ravel()
-                    # eos column explicitly (if outside the top entries it is added; duplicates sum: avoid)
-                    has_eos = (top_i[okn] == eos).any(axis=1)
-                    r = np.concatenate([r, ids[~has_eos]])
-                    c = np.concatenate([c, np.full((~has_eos).sum(), eos)])
-                    v = np.concatenate([v, eos_p[okn][~has_eos]])
-                    sparse_parts[level - 1].append((r, c, v))
+                    top_v, top_i = torch.topk(probs, K_acc, dim=1)
+                    top_v, top_i = top_v.numpy(), top_i.numpy()
+                    eos_p = probs[:, eos].numpy()
+                    # δ̂² over the entries kept (each step's top-4K and eos), like the rows it is compared with
+                    sq = (top_v * top_v).sum(axis=1) + np.where((top_i == eos).any(axis=1), 0.0, eos_p * eos_p)
+                sumsq_total += float(sq.sum())
+                full_ctx = ctx_np[:, 0] >= 0
+                sumsq_full += float(sq[full_ctx].sum())
+                n_steps += len(ctx_np)
+                n_steps_full += int(full_ctx.sum())
+                for level in range(1, order + 1):
+                    sub = ctx_np[:, order - level:]
+                    ok = sub[:, 0] >= 0
+                    if not ok.any():
+                        continue
+                    keys = _context_keys(sub[ok], base)
+                    table = slots[level - 1]
+                    ids = np.empty(len(keys), dtype=np.int64)
+                    for m, key in enumerate(keys.tolist()):
+                        slot = table.get(key)
+                        if slot is None:
+                            slot = len(table)
+                            table[key] = slot
+                            counts[level - 1].append(0)
+                        ids[m] = slot
+                    cnt = counts[level - 1]
+                    for s in ids.tolist():
+                        cnt[s] += 1
+                    if len(lse_sums[level - 1]) < len(table):
+                        lse_sums[level - 1] = np.concatenate(
+                            [lse_sums[level - 1], np.zeros(max(len(table), 2 * len(lse_sums[level - 1])) - len(lse_sums[level - 1]))])
+                    np.add.at(lse_sums[level - 1], ids, step_lse[ok])
+                    rows_ok = torch.from_numpy(np.flatnonzero(ok))
+                    if exact:
+                        need = len(table)
+                        acc = dense_sums[level - 1][0] if dense_sums[level - 1] else torch.zeros((0, V), dtype=torch.float64)
+                        if need > acc.shape[0]:
+                            grown = torch.zeros((max(need, 2 * acc.shape[0], 256), V), dtype=torch.float64)
+                            grown[: acc.shape[0]] = acc
+                            acc = grown
+                        acc.index_add_(0, torch.from_numpy(ids), probs[rows_ok])
+                        dense_sums[level - 1] = [acc]
+                    else:
+                        okn = np.flatnonzero(ok)
+                        r = np.repeat(ids, K_acc)
+                        c = top_i[okn].ravel()
+                        v = top_v[okn].ravel()
+                        # eos column explicitly (if outside the top entries it is added; duplicates sum: avoid)
+                        has_eos = (top_i[okn] == eos).any(axis=1)
+                        r = np.concatenate([r, ids[~has_eos]])
+                        c = np.concatenate([c, np.full((~has_eos).sum(), eos)])
+                        v = np.concatenate([v, eos_p[okn][~has_eos]])
+                        sparse_parts[level - 1].append((r, c, v))
             if progress is not None:
                 progress(1, total)
 
@@ -1306,6 +1385,7 @@ def build_trace(
     tm = TransitionMatrix(np.zeros((0, 0)), np.zeros(n_states), int(eos), st, meta)
     store = _RowStore(n_states, V, eos, K)
     visits = np.zeros(n_states, dtype=np.int64)
+    shift = np.full(n_states, np.nan)
     # ---- rows --------------------------------------------------------------------------------
     # Σ_slots ||sum_slot||² / n_slot per level, over every slot (also those below min_count): δ̂²'s
     # variance decomposition Σ_t ||p_t − A_s||² = Σ_t ||p_t||² − Σ_s n_s ||A_s||².
@@ -1334,6 +1414,7 @@ def build_trace(
         cnt = np.asarray(counts[level - 1], dtype=np.float64)
         slot_ids, state_ids = pairs[:, 0], pairs[:, 1]
         visits[state_ids] = cnt[slot_ids].astype(np.int64)
+        shift[state_ids] = lse_sums[level - 1][slot_ids] / cnt[slot_ids]
         if exact:
             acc = dense_sums[level - 1][0]
             for lo in range(0, len(slot_ids), 4096):
@@ -1355,12 +1436,15 @@ def build_trace(
         cand = _rank_unvisited(store, unvisited, V)
         cand = cand[:max_probe_rows]
         if len(cand):
-            _probe_into(lm, store, cand, prompts[:max(1, max_probe_prompts)], batch_size=64)
+            probed_shift = _probe_into(lm, store, cand, prompts[:max(1, max_probe_prompts)], batch_size=64)
+            shift[cand] = probed_shift
             n_probed = len(cand)
     dense = _want_dense(storage, n_states, K, V)
     tm = store.assemble(tm, dense)
     tm.visits = visits
     tm.sequences = sequences
+    shift[tm.eos_index] = np.nan
+    tm.row_logit_shift = shift
     # ---- coverage and δ̂² --------------------------------------------------------------------
     visited_mask = tm.row_source == ROW_TRACE
     C = tm.csr()
@@ -1407,17 +1491,21 @@ def _rank_unvisited(store: _RowStore, unvisited: np.ndarray, V: int) -> np.ndarr
 
 
 def _probe_into(lm: "LoadedModel", store: _RowStore, tokens: np.ndarray, prompts: Sequence[str], *,
-                batch_size: int = 64) -> None:
+                batch_size: int = 64) -> np.ndarray:
+    """Probe ``tokens`` into ``store``; returns their row logit shifts (mean log-normaliser over prompts)."""
     import torch
 
+    shifts = np.full(len(tokens), np.nan)
+    pos = 0
     with torch.inference_mode():
         contexts = [_prepare_prompt(lm, p) for p in prompts]
         for chunk, probs, _lse, _each in _probe_dense_rows(lm, contexts, np.asarray(tokens), batch_size=batch_size,
-                                                          per_prompt=False, progress=None):
-            if store.K >= store.V:
-                store.put_dense(chunk, probs, ROW_PROBE)
-            else:
-                store.put_dense(chunk, probs, ROW_PROBE)
+                                                          per_prompt=False, progress=None, top_k=store.K):
+            _put_rows(store, chunk, probs, ROW_PROBE)
+            if _lse is not None:
+                shifts[pos:pos + len(chunk)] = _lse
+            pos += len(chunk)
+    return shifts
 
 
 def fill_rows(tm: TransitionMatrix, lm: "LoadedModel", tokens: Sequence[int] | np.ndarray,
@@ -1447,10 +1535,13 @@ def fill_rows(tm: TransitionMatrix, lm: "LoadedModel", tokens: Sequence[int] | n
             store.source[s] = tm.row_source[s]
     if prompts is None:
         prompts = BUILTIN_PROMPTS
-    _probe_into(lm, store, toks, list(prompts), batch_size=batch_size)
+    shifts = _probe_into(lm, store, toks, list(prompts), batch_size=batch_size)
     new = TransitionMatrix(np.zeros((0, 0)), np.zeros(tm.n_states), tm.eos_index, tm.state_tokens.copy(),
                            dict(tm.meta), visits=None if tm.visits is None else tm.visits.copy())
     new = store.assemble(new, tm.is_dense)
+    shift = np.full(tm.n_states, np.nan) if tm.row_logit_shift is None else tm.row_logit_shift.copy()
+    shift[toks] = shifts
+    new.row_logit_shift = shift
     cov = dict(new.meta.get("coverage", {}))
     cov["n_probed"] = int(cov.get("n_probed", 0)) + len(toks)
     cov["n_missing"] = int((new.row_source == ROW_MISSING).sum())

@@ -90,3 +90,15 @@ def test_alpha_zero_is_greedy_and_return_dict():
     out = model.generate(**enc, max_new_tokens=4, return_dict_in_generate=True, output_scores=True,
                          **get_mitigation("contrastive").generate_kwargs())
     assert out.sequences.shape[1] <= 5 and len(out.scores) == out.sequences.shape[1] - 1
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "t5"])
+def test_cached_and_recomputed_paths_agree(arch):
+    model, tok = build_tiny(arch)
+    if arch == "gpt2":
+        tok.padding_side = "left"
+    enc = tok(["a b c d", "copy e f"], return_tensors="pt", padding=True)
+    kw = get_mitigation("contrastive").generate_kwargs()
+    cached = model.generate(**enc, max_new_tokens=10, **kw)
+    recomputed = model.generate(**enc, max_new_tokens=10, use_cache=False, **kw)
+    assert cached.tolist() == recomputed.tolist()

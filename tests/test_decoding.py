@@ -225,6 +225,17 @@ def test_ties_greedy_topk_topp_typical():
     assert np.count_nonzero(k5[0]) == 6
 
 
+def test_top_p_exact_boundary_tie_follows_the_spec():
+    """Spec §1/A11: equal probabilities keep the lower id first. HF's stable ascending sort keeps the
+    higher id when the nucleus boundary falls exactly inside a tie (documented difference)."""
+    A = np.array([[0.3, 0.3, 0.4, 0.0], [0.3, 0.3, 0.4, 0.0], [0.3, 0.3, 0.4, 0.0], [0.0, 0.0, 0.0, 1.0]])
+    out = parse_policy("do_sample=true,top_k=0,top_p=0.5").apply(A, 3)
+    assert np.allclose(out[0], [3 / 7, 0.0, 4 / 7, 0.0])
+    with np.errstate(divide="ignore"):
+        hf = _hf_row(parse_policy("do_sample=true,top_k=0,top_p=0.5"), np.log(A[0]), 0, 3)
+    assert np.allclose(hf, [0.0, 3 / 7, 4 / 7, 0.0])
+
+
 def test_min_tokens_to_keep_edge_cases():
     # with beams HF keeps at least 2 tokens in every warper (len(eos ids) + 1)
     Z, A, shift = _logit_matrix(5, spread=4.0)
@@ -486,6 +497,9 @@ def test_rebalanced_encoding_preserves_sequence_probabilities():
             p = _seq_prob(A, seq)
             new = [c if x == -1 else remap[x] for x in _retokenise(seq, 0, 1, -1)]
             assert abs(_seq_prob(M, new) - p) <= 1e-14
-    assert parse_policy("rebalanced_encoding").exactness == "prediction only"
-    with pytest.raises(PolicyError):
-        parse_policy("rebalanced_encoding").apply(A, 3)
+    re = parse_policy("rebalanced_encoding=0.5,do_sample=true,top_k=0")
+    assert re.exactness == "prediction only" and not re.measurable
+    out = re.apply(A, 3)
+    assert np.allclose(out, rebalance_matrix(A, 3, 0.5)[0]) and out.shape == (5, 5)
+    assert sp.issparse(re.apply(sp.csr_matrix(A), 3))
+    assert re.transform(A, 3)[1] == 4 and parse_policy("greedy").transform(A, 3)[1] == 3

@@ -292,3 +292,53 @@ def test_quickstart_example_runs(capsys):
     runpy.run_path(str(ROOT / "examples" / "hook_quickstart.py"), run_name="__main__")
     out = capsys.readouterr().out
     assert "sequence 0:" in out and "sequence 1:" in out
+
+
+@pytest.mark.parametrize("opts", [dict(), dict(max_period=3), dict(min_repeats=3, min_length=7), dict(min_period=2)])
+def test_step_detection_equals_find_loop_detected_at(opts):
+    """The stop rule (tail of input_ids, all rows at once) fires first exactly at Loop.detected_at."""
+    g = torch.Generator().manual_seed(3)
+    seqs = torch.randint(0, 3, (64, 30), generator=g)
+    seqs[:5] = torch.arange(30) % 7  # some without short loops
+    mon = RepetitionMonitor(mode="stop", **opts)
+    prompt = torch.full((64, 2), 9)
+    first = torch.full((64,), -1)
+    for t in range(30):
+        ids = torch.cat([prompt, seqs[:, : t + 1]], 1)
+        hit = mon._tail_looping(ids, prompt_len=2)
+        first = torch.where((first < 0) & hit, torch.tensor(t), first)
+    for i in range(64):
+        loop = M.find_loop(seqs[i].tolist(), **opts)
+        assert int(first[i]) == (-1 if loop is None else loop.detected_at)
+
+
+def test_intervene_with_a_policy_name(bigram):
+    from repdiag.errors import PolicyError
+
+    model, enc = bigram
+    P = enc["input_ids"].shape[1]
+    ref = model.generate(**enc, max_new_tokens=12, do_sample=False)
+    mon = RepetitionMonitor(mode="intervene", intervention="no_repeat_ngram_size=2")
+    out = model.generate(**enc, max_new_tokens=12, do_sample=False, logits_processor=[mon], stopping_criteria=[mon])
+    assert out[1].tolist() == ref[1].tolist()
+    assert out[0, P + 5] != ref[0, P + 5]
+    with pytest.raises(PolicyError):
+        RepetitionMonitor(mode="intervene", intervention="no_such_mitigation")
+    with pytest.raises(ValueError, match="intervention"):
+        RepetitionMonitor(mode="intervene", intervention=42)
+
+
+def test_kgram_state_lookup_with_back_off():
+    import types
+
+    a, b, c = TOK["a"], TOK["b"], TOK["c"]
+    st = np.array([[-1, a], [-1, b], [a, b], [-1, c], [-1, 1]])
+    A = np.zeros((5, 5))
+    A[0, 2] = A[2, 0] = A[1, 3] = A[3, 4] = A[4, 4] = 1.0  # a -> (a,b) -> a ... ; b -> c -> eos
+    plain = types.SimpleNamespace(matrix=A, eos_index=4, state_tokens=st, meta={})
+    mon = RepetitionMonitor(matrix=plain)
+    assert mon._prediction([c, a, b], 2)["state"] == 2  # the 2-gram (a, b)
+    p = mon._prediction([c, b], 1)  # (c, b) is no state: back off to (b)
+    assert p["state"] == 1 and p["context"] == [b] and p["greedy_fate"] == "eos"
+    assert mon._prediction([a], 0)["greedy_fate"] == "loop" and mon._prediction([a], 0)["greedy_loop_period"] == 2
+    assert mon._prediction([TOK["z"]], 0)["state"] is None

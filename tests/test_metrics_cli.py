@@ -93,3 +93,16 @@ def test_missing_and_empty_file(tmp_path, capsys):
     empty.write_text("\n\n", encoding="utf-8")
     assert main(["metrics", str(empty)]) == 2
     assert main(["metrics", str(empty), "--unit", "char"]) == 2
+
+
+def test_model_tokenizer_splits_text(tmp_path, capsys):
+    from tiny_models import save_tiny
+
+    folder = save_tiny("t5", tmp_path / "tiny")
+    p = _write(tmp_path, "t.jsonl", [json.dumps({"text": "a b a b a"}), json.dumps({"text": "c d"})])
+    assert main(["metrics", str(p), "--format", "json", "--model", str(folder)]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["unit"] == "token" and out["metrics"]["length"] == 3.5
+    assert out["metrics"]["loop_onset"] == 0.0
+    assert main(["metrics", str(p), "--format", "json", "--model", str(folder), "--unit", "word"]) == 0
+    assert json.loads(capsys.readouterr().out)["unit"] == "word"

@@ -310,3 +310,19 @@ def test_compare_policy_map(example):
     assert [c.policy for c in res.regressions] == ["top_p_0.9→temperature_1.3"]
     with pytest.raises(BadInputError, match="policy-map"):
         compare(example, cur, policy_map={"nope": "greedy"})
+
+
+def test_importing_reports_does_not_import_torch():
+    import subprocess
+    import sys
+
+    code = "import sys, repdiag.report, repdiag.commands.report; assert 'torch' not in sys.modules, 'torch imported'"
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True).returncode == 0
+
+
+def test_environment_current_has_versions():
+    from repdiag.report import EnvironmentInfo
+
+    env = EnvironmentInfo.current()
+    assert env.python and env.numpy and env.platform
+    assert "timestamp" not in env.to_dict()

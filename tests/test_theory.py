@@ -893,3 +893,50 @@ def test_bad_input_sparse_and_residual():
     theory.validate_transition_matrix(A, residual=np.array([0.1, 0, 0]))  # ... plus 0.1 residual: fine
     with pytest.raises(MatrixFormatError, match="row 0"):
         theory.validate_transition_matrix(A)
+
+
+# ----------------------------------------------------------------------------- large-SCC sparse path
+
+
+@pytest.mark.parametrize("with_residual, degree", [(False, 4), (True, 4), (False, 40)])
+def test_large_scc_path_against_dense(monkeypatch, with_residual, degree):
+    """SCCs above the exact block size use power iteration, exact k<=2 traces, Hutchinson and
+    certified tails: exact keys agree with the dense route, estimates within their error bars."""
+    A = sparse_random(150, degree, seed=11, eos_max=0.2)
+    n = 150
+    res = None
+    if with_residual:
+        res = np.zeros(n + 1)
+        res[:3] = 0.05
+        A = A.copy()
+        A[:3] *= 0.95
+    d = theory.compute_quantities(A, residual=res, mc_trajectories=4)
+    monkeypatch.setattr(theory, "DENSE_MAX_STATES", 20)
+    s_out = theory.compute_quantities(sp.csr_matrix(A), residual=res, route="sparse", mc_trajectories=4,
+                                      hutchinson_probes=16)
+    dq, sq = d["quantities"], s_out["quantities"]
+    assert max(len(c) for c in sq["cyclic_sccs"]) > 20
+    assert "su_R" in s_out["partial"] and "su_R" in s_out["notes"]
+    for key in ("zeta", "zeta_n", "states_on_cycles", "cyclic_sccs", "greedy", "traces_k", "top_inflow_tokens"):
+        assert sq[key] == dq[key] or key == "traces_k", key
+    for key in ("tr_B", "tr_Q", "sum_diag_Bk_sq"):
+        np.testing.assert_allclose(sq["traces_k"][key], dq["traces_k"][key], rtol=1e-9, atol=1e-12)
+    for key in ("rho_Q", "rho_B"):
+        assert_close(sq[key], dq[key], 1e-9)
+    lo, hi = sq["collatz_wielandt_rho_Q"]
+    assert lo - 1e-12 <= dq["rho_Q"] <= hi + 1e-12
+    np.testing.assert_allclose(sq["p_eos"], dq["p_eos"], atol=1e-9)
+    np.testing.assert_allclose(sq["occupation"]["nu"], dq["occupation"]["nu"], rtol=1e-9)
+    # the k <= 2 lower bounds are still lower bounds
+    assert sq["su_lower_bound_trace_cs"] <= dq["su_R"] + 1e-12
+    assert sq["su_lower_bound_diag_cs"] <= dq["su_R"] + 1e-12
+    # Hutchinson estimates: close to the exact values (terms k >= 3 are small here)
+    est = s_out["estimates"]
+    for key in ("su_R", "fu_arp"):
+        e = est[key]
+        assert abs(sq[key] - dq[key]) <= 4 * e["se"] + e["tail_bound"] + 1e-12, (key, sq[key], dq[key], e)
+    assert sq["fu_arp_corrected"] <= dq["fu_arp_corrected"] * (1 + 1e-9)  # k <= 2 terms only
+    # certified relaxations stay on the right side
+    fs, fd = sq["fu_bounds"], dq["fu_bounds"]
+    assert fs["nuclear_norm_B2"] >= fd["nuclear_norm_B2"] * (1 - 1e-12)
+    assert fs["sigma_min"] <= fd["sigma_min"] + 1e-12

@@ -105,6 +105,7 @@ class GradientComputer:
         self.backend = "loop" if backend == "loop" else None  # decided at first use
         self.chunk = int(chunk)
         self.warnings: list[str] = []
+        self.timing: dict = {}
 
     # -- loop -------------------------------------------------------------------------------------
     def _loop(self, examples: Sequence[Example]) -> "torch.Tensor":
@@ -127,9 +128,18 @@ class GradientComputer:
         params = {n: p.detach() for n, p in zip(self.space.names, self.space.params)}
         batch = collate(examples, self.pad, dev)
         kind = self.kind
+        dtype = self.space.dtype
+        # HF's 2-D mask code branches on data (``mask.all()``), which vmap cannot batch; a ready 4-D additive mask
+        # is passed through untouched. seq2seq: [1, 1, 1, L] over the encoder keys (self- and cross-attention);
+        # causal: the 2-D mask (eager attention — the kernels' work models use it — batches under vmap).
+        neg = torch.finfo(dtype).min
 
         def loss_one(p, ids, mask, labels):
-            b = {"input_ids": ids[None], "attention_mask": mask[None], "labels": labels[None]}
+            if kind == "seq2seq":
+                am = (1.0 - mask[None, None, None, :].to(dtype)) * neg
+            else:
+                am = mask[None]
+            b = {"input_ids": ids[None], "attention_mask": am, "labels": labels[None]}
 
             def fwd(**kw):
                 return functional_call(model, p, (), kw, tie_weights=True, strict=False)
@@ -144,7 +154,8 @@ class GradientComputer:
     def _self_check(self, examples: Sequence[Example]) -> bool:
         import torch
 
-        probe = list(examples[:2])
+        order = self._groups(examples)[0]
+        probe = [examples[order[0]], examples[order[-1]]] if len(order) > 1 else [examples[order[0]]]
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
@@ -174,22 +185,54 @@ class GradientComputer:
             return torch.zeros((0, self.space.size), dtype=self.space.dtype)
         if self.backend is None:
             self.backend = "vmap" if self._self_check(examples) else "loop"
+            if self.backend == "vmap" and self.requested == "auto" and len(examples) >= 8:
+                self._race(examples)
         if self.backend == "loop":
             return self._loop(examples)
-        out = []
-        for k in range(0, len(examples), self.chunk):
-            part = examples[k:k + self.chunk]
-            try:
-                with warnings.catch_warnings():
-                    warnings.simplefilter("ignore")
-                    out.append(self._vmap(part))
-            except Exception as exc:  # noqa: BLE001
-                self.warnings.append(
-                    f"batched (vmap) gradients failed ({type(exc).__name__}); fell back to the loop backend"
-                )
-                self.backend = "loop"
-                out.append(self._loop(part))
-        return torch.cat(out)
+        out = torch.zeros((len(examples), self.space.size), dtype=self.space.dtype,
+                          device=self.space.params[0].device)
+        for idx in self._groups(examples):
+            for k in range(0, len(idx), self.chunk):
+                part = idx[k:k + self.chunk]
+                exs = [examples[i] for i in part]
+                try:
+                    if self.backend != "vmap":
+                        raise RuntimeError("disabled after an earlier failure")
+                    with warnings.catch_warnings():
+                        warnings.simplefilter("ignore")
+                        rows = self._vmap(exs)
+                except Exception as exc:  # noqa: BLE001
+                    if self.backend == "vmap":
+                        self.warnings.append(f"batched (vmap) gradients failed ({type(exc).__name__}); fell back "
+                                             "to the loop backend")
+                    self.backend = "loop"
+                    rows = self._loop(exs)
+                out[part] = rows
+        return out
+
+    def _race(self, examples: Sequence[Example]) -> None:
+        """``auto``: keep vmap only if it beats the loop per example on a chunk of this data (large models with
+        ragged lengths can be slower batched: padding, and B copies of every weight gradient)."""
+        import time
+
+        order = self._groups(examples)[0]
+        mid = len(order) // 2
+        part = [examples[i] for i in order[max(0, mid - self.chunk // 2): mid + self.chunk // 2]]
+        t = time.perf_counter()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            self._vmap(part)
+        t_vmap = (time.perf_counter() - t) / len(part)
+        t = time.perf_counter()
+        self._loop(part[:4])
+        t_loop = (time.perf_counter() - t) / len(part[:4])
+        self.timing = {"vmap_s_per_example": t_vmap, "loop_s_per_example": t_loop}
+        if t_vmap >= t_loop:
+            self.backend = "loop"
+
+    def _groups(self, examples: Sequence[Example]) -> list[list[int]]:
+        """One group, sorted by length so that the chunks carry little padding."""
+        return [sorted(range(len(examples)), key=lambda i: (len(examples[i].input_ids), len(examples[i].labels)))]
 
 
 def per_example_grads(model, examples: Sequence[Example], kind: str, pad_token_id: int, *,

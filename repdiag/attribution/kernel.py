@@ -141,6 +141,10 @@ def work_model(model, dtype=None):
     if dtype is not None:
         m = m.to(dtype)
     m.eval()
+    try:  # eager attention: same numbers as sdpa (to round-off), and its mask code batches under vmap
+        m.set_attn_implementation("eager")
+    except Exception:  # noqa: BLE001 - older models without the switch keep their attention
+        pass
     for p in m.parameters():
         p.requires_grad_(True)
     del torch
@@ -474,12 +478,15 @@ def _adaptive_gl(meas: _Measure, theta, delta, dm, m_prev, m_next, tol, max_piec
 # --------------------------------------------------------------------------------------------------
 def checkpoint_kernel(model, record: Record, query: Query, *, measurement: str = "loop", pairs=None,
                       train_examples=None, backend: str = "loop", dtype: str = "float64", layers: str | None = None,
-                      rule: str = "trapezoid", progress=None) -> KernelAttribution:
+                      rule: str = "trapezoid", projector=None, cache_dir=None, progress=None) -> KernelAttribution:
     """TracInCP over the recorded checkpoints (θ0 and the final model count as checkpoints), spec §3.2.
 
     ``C_i ≈ −Σ_j W_ij · ½(∇m(θ_kj)·∇ℓ_i(θ_kj) + ∇m(θ_kj+1)·∇ℓ_i(θ_kj+1))`` (``rule="left"`` keeps only
     the left point), where ``W_ij`` is the learning-rate mass example i received in segment j.
     Completeness ``Σ C_i / Δm`` is reported; Δm is measured between the first and last checkpoint.
+    ``projector`` (:class:`~repdiag.attribution.projection.Projector`): dot products of projected gradients
+    (approximate, stated); with ``cache_dir`` the projected training features are cached per checkpoint, so
+    further queries cost only their own gradients.
     """
     import torch
 
@@ -550,19 +557,20 @@ def checkpoint_kernel(model, record: Record, query: Query, *, measurement: str =
     used = [i for i in range(n) if times[i] > 0]
     D = np.zeros((K + 1, Q, n))
     ms = []
-    coverage = []
     for j, (s, c) in enumerate(points):
         tensors = c if "file" not in c else record.checkpoint(s)
         record.check_tensors(tensors, f"checkpoint {s}", work)
         full.set(full.flat_from({nm: tensors.get(nm, final[nm]) for nm in full.names}).to(tdtype))
         m, G = meas.grad()
         ms.append(m)
-        if layers not in (None, "", "all"):
-            coverage.append(None)
-        for k in range(0, len(used), 32):
-            part = used[k:k + 32]
-            g = gc([examples[i] for i in part]).double()
-            D[j][:, part] = (G @ g.T).numpy()
+        if projector is None:
+            for k in range(0, len(used), 32):
+                part = used[k:k + 32]
+                g = gc([examples[i] for i in part]).double()
+                D[j][:, part] = (G @ g.T).numpy()
+        else:
+            feats = _projected_features(space, gc, examples, used, projector, cache_dir, record, layers)
+            D[j] = (projector.project(G, space.names, space.numels) @ torch.from_numpy(feats).T).numpy()
         if progress is not None:
             progress(j + 1, K + 1)
     # contributions: C = −Σ_j W_j ⊙ rule(D_j, D_j+1)   (∇ℓ is a loss gradient: minus sign)
@@ -578,6 +586,9 @@ def checkpoint_kernel(model, record: Record, query: Query, *, measurement: str =
     if abs(dm) > 0 and not 0.5 <= tot / dm <= 2.0:
         warnings.append(f"checkpoint mode is incomplete: Σ C_i / Δm = {tot / dm:.2f}; rank the pairs, do not read "
                         "the amounts as shares of Δm")
+    if projector is not None:
+        warnings.append(f"projected gradients ({projector.kind}, dim {projector.dim}, seed {projector.seed}): "
+                        "inner products are approximate (JL error ≈ ‖a‖‖b‖·√(2/dim))")
     warnings += gc.warnings
     return KernelAttribution(
         mode="checkpoints", kernel=f"checkpoints/{K + 1}" + ("~approx" if reasons else ""), decomposition=True,
@@ -589,6 +600,36 @@ def checkpoint_kernel(model, record: Record, query: Query, *, measurement: str =
         diagnostics={"rule": rule, "checkpoint_steps": bounds,
                      "measurements_at_checkpoints": [float(m[q]) for m in ms]},
     )
+
+
+def _projected_features(space, gc, examples, used, projector, cache_dir, record, layers):
+    """``[n, dim]`` projected per-example gradients at the space's current parameters (cached when asked)."""
+    import hashlib
+
+    import torch
+
+    n = len(examples)
+    key = None
+    cache = None
+    if cache_dir is not None:
+        from .cache import FeatureCache, cache_key
+
+        cache = FeatureCache(cache_dir)
+        theta_sha = hashlib.sha256(space.get().to(torch.float32).numpy().tobytes()).hexdigest()
+        key = cache_key(theta=theta_sha, layers=layers or "all", projector=projector.spec(),
+                        examples=record.meta.get("examples"), n=n, weight_model=record.weight_model,
+                        used=hashlib.sha256(str(used).encode()).hexdigest(), kind=record.kind)
+        hit = cache.load(key, n, projector.dim)
+        if hit is not None:
+            return hit
+    feats = np.zeros((n, projector.dim))
+    for k in range(0, len(used), 32):
+        part = used[k:k + 32]
+        g = gc([examples[i] for i in part]).double()
+        feats[part] = projector.project(g, space.names, space.numels).numpy()
+    if cache is not None:
+        cache.save(key, feats, {"layers": layers or "all", "projector": projector.spec(), "n": n})
+    return feats
 
 
 # --------------------------------------------------------------------------------------------------

@@ -107,6 +107,8 @@ class Query:
             gen = gen[len(prompt_ids):]
         if isinstance(loop, str):
             loop = find_loop(gen) if loop == "auto" else None
+            if loop is not None and loop[0] + 2 * loop[1] > len(gen):
+                loop = None
         return cls(kind, tuple(prompt_ids), tuple(gen), tuple(loop) if loop else None, token_position,
                    decoder_start_token_id, prompt, generated_text, tuple(names))
 

@@ -110,7 +110,10 @@ def load_tensors(path: Path) -> dict:
 
 
 def write_examples(path: Path, examples: dict[int, Example], n: int) -> None:
-    """``input_ids``/``labels`` flat int32 with ``*_offsets`` int64 ``[n+1]``; missing ids are empty."""
+    """``input_ids``/``labels`` flat int16 (int32 if an id exceeds 32767) with ``*_offsets`` int64 ``[n+1]``.
+
+    Example i is ``input_ids[input_offsets[i]:input_offsets[i+1]]``; ids never used in training are empty.
+    """
     import torch
 
     ii, io, ll, lo = [], [0], [], [0]
@@ -122,10 +125,12 @@ def write_examples(path: Path, examples: dict[int, Example], n: int) -> None:
         ll += b
         io.append(len(ii))
         lo.append(len(ll))
+    small = all(-32768 <= t <= 32767 for t in ii + ll)  # int16 halves the file for vocabularies < 32768
+    tdt = torch.int16 if small else torch.int32
     save_tensors(path, {
-        "input_ids": torch.tensor(ii, dtype=torch.int32),
+        "input_ids": torch.tensor(ii, dtype=tdt),
         "input_offsets": torch.tensor(io, dtype=torch.int64),
-        "labels": torch.tensor(ll, dtype=torch.int32),
+        "labels": torch.tensor(ll, dtype=tdt),
         "label_offsets": torch.tensor(lo, dtype=torch.int64),
     })
 

@@ -15,7 +15,7 @@ from .._atomic import dumps_json
 __all__ = ["stdout", "stderr", "OutputFormat", "print_json", "progress_bar", "STATE"]
 
 stdout = Console(soft_wrap=True)
-stderr = Console(stderr=True)
+stderr = Console(stderr=True, soft_wrap=True)  # an error stays one line in CI logs
 
 
 class _State:

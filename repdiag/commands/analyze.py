@@ -32,6 +32,8 @@ def analyze(
                                        rich_help_panel="Matrix")] = 64,
     max_probe_rows: Annotated[int, typer.Option("--max-probe-rows", help="Most rows probed for unvisited states.",
                                                 rich_help_panel="Matrix")] = 4096,
+    bound_states: Annotated[int, typer.Option("--bound-states", help="Most token states in the bounds' matrix "
+                                              "(the most visited).", rich_help_panel="Matrix")] = 512,
     n_trajectories: Annotated[int, typer.Option("--n-trajectories", help="Simulated trajectories per policy.",
                                                 rich_help_panel="Matrix")] = 256,
     batch_size: Annotated[int, typer.Option("--batch-size", help="Prompts per generate() batch.")] = 16,
@@ -55,7 +57,7 @@ def analyze(
         model=model, revision=revision, device=device, dtype=dtype, trust_remote_code=trust_remote_code,
         prompts=prompts, trace_prompts=trace_prompts, n_prompts=n_prompts, max_new_tokens=max_new_tokens,
         seed=seed, mitigations=mitigations, order=order, top_k=top_k, max_probe_rows=max_probe_rows,
-        n_trajectories=n_trajectories, batch_size=batch_size, attribute=not no_attribution, out=out)
+        bound_states=bound_states, n_trajectories=n_trajectories, batch_size=batch_size, attribute=not no_attribution, out=out)
     with RichStages(stderr, disable=STATE.quiet) as stages:
         result = run_analysis(options, stages)
     paths = write_outputs(result, out)

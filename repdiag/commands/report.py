@@ -144,7 +144,11 @@ def compare_command(
 def _print_table(result) -> None:  # noqa: ANN001 - CompareResult
     from ..report import render_compare_table
 
-    stdout.print(render_compare_table(result))
+    from rich.console import Console
+
+    # CI logs are not terminals: rich would wrap at 80 columns there, so give the table room
+    console = stdout if stdout.is_terminal else Console(file=sys.stdout, width=max(stdout.width, 120), soft_wrap=True)
+    console.print(render_compare_table(result))
 
 
 def register(app: typer.Typer) -> None:

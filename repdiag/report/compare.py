@@ -423,7 +423,7 @@ def render_compare_table(result: CompareResult) -> Any:
     for c in result.checks:
         name = c.key if c.section == "measured" else f"{c.section}.{c.key}"
         delta = "n/a" if c.delta is None else _signed(c.delta)
-        tol = "—" if c.tolerance is None else f"{_f(c.tolerance)} ({c.tolerance_text})"
+        tol = "—" if c.tolerance is None else _f(c.tolerance) + (f" ({c.tolerance_text.lstrip('+-')})" if "%" in (c.tolerance_text or "") else "")
         status = {"pass": "[green]pass[/]", "fail": "[bold red]FAIL[/]", "info": "·"}[c.status]
         table.add_row(c.policy, name, _f(c.baseline), _f(c.current), delta, tol, status)
     return table

@@ -17,13 +17,16 @@ import math
 from html import escape
 from typing import Any, Iterable, Mapping, Sequence
 
-from .markdown import BOUND_KEYS, PRIMARY_METRICS, QUALITY_KEYS, SECONDARY_METRICS, _int_human
+from .markdown import BOUND_KEYS, PRIMARY_METRICS, QUALITY_KEYS, SECONDARY_METRICS, _int_human, _metric_order, closed_form_rows
 from .model import Report, format_number, higher_is_better
 
 __all__ = ["render_html", "PLOTS"]
 
 #: the ``data-plot`` names of the figures, in page order
 PLOTS = ("spectrum", "bounds", "scatter", "loop-map", "attribution")
+
+#: eigenvalues drawn per policy at most (largest modulus first)
+_MAX_EIGENVALUES = 1500
 
 #: Okabe–Ito, colour-blind safe
 _PALETTE = ("#0072B2", "#E69F00", "#009E73", "#CC79A7", "#56B4E9", "#D55E00", "#F0E442", "#000000", "#999999", "#882255")
@@ -36,7 +39,7 @@ body { font: 14px/1.45 system-ui, -apple-system, "Segoe UI", Roboto, "DejaVu San
 h1 { font-size: 22px; margin: 0 0 4px; } h2 { font-size: 18px; margin: 34px 0 8px; border-bottom: 1px solid var(--line); padding-bottom: 4px; }
 .sub { color: var(--muted); margin: 0 0 12px; }
 .note { background: #fff8e1; border-left: 4px solid #f0b400; padding: 8px 12px; margin: 10px 0; }
-table { border-collapse: collapse; margin: 8px 0 14px; font-variant-numeric: tabular-nums; }
+table { border-collapse: collapse; margin: 8px 0 14px; font-variant-numeric: tabular-nums; display: block; max-width: 100%; overflow-x: auto; }
 th, td { border: 1px solid var(--line); padding: 4px 8px; text-align: right; vertical-align: top; }
 th { background: var(--panel); font-weight: 600; } td.l, th.l { text-align: left; }
 td.text { text-align: left; max-width: 520px; }
@@ -102,8 +105,12 @@ def _spectrum_plot(report: Report, colors: Mapping[str, str]) -> str:
         return '<p class="empty" data-missing="spectrum">No eigenvalues of Q in this report.</p>'
     panels = []
     size, pad = 230.0, 26.0
+    shown_all = True
     for p in order:
         eig = [z for z in report.spectrum[p] if _finite(z[0]) and _finite(z[1])]
+        if len(eig) > _MAX_EIGENVALUES:  # keep the page light: the largest moduli matter for R
+            eig = sorted(eig, key=lambda z: (-math.hypot(z[0], z[1]), z[0], z[1]))[:_MAX_EIGENVALUES]
+            shown_all = False
         lim = max([1.15] + [1.05 * math.hypot(z[0], z[1]) for z in eig])
         scale = (size - 2 * pad) / (2 * lim)
         cx = cy = size / 2
@@ -139,6 +146,7 @@ def _spectrum_plot(report: Report, colors: Mapping[str, str]) -> str:
         "Eigenvalues of Q = B∘B (the squared transition probabilities among tokens) per policy, against the unit "
         "circle (dashed). Su's repetition sum R is finite only when every eigenvalue lies strictly inside it; the "
         "thin circle is the spectral radius ρ(Q)."
+        + ("" if shown_all else f" Only the {_MAX_EIGENVALUES} eigenvalues of largest modulus are drawn per policy.")
     )
     return _figure("spectrum", f'<div class="grid">{"".join(panels)}</div>', caption)
 
@@ -476,11 +484,22 @@ def render_html(report: Report) -> str:
         rows = "".join(
             f'<tr><td class="l"><code>{_e(k)}</code></td><td>{_e(format_number(v.get("rho"), 3))}</td><td>{_e(format_number(v.get("p"), 2))}</td>'
             f'<td>{_e(format_number(v.get("n_policies")))}</td><td>{_e(format_number(report.prediction.calibration_error.get(k), 3))}</td></tr>'
-            for k, v in report.prediction.spearman.items()
+            for k, v in ((k, report.prediction.spearman[k]) for k in _metric_order(report.prediction.spearman))
         )
         parts.append(
             '<table><thead><tr><th class="l">metric</th><th>Spearman ρ</th><th>p</th><th>policies</th><th>calibration error</th></tr></thead>'
             f"<tbody>{rows}</tbody></table>"
+        )
+    cf = closed_form_rows(report.prediction.closed_form)
+    if cf:
+        rows = "".join(
+            f'<tr><td class="l">{_e(path)}</td><td>{_e(format_number(r, 3))}</td><td>{_e(format_number(pv, 2))}</td><td>{_e(format_number(n))}</td></tr>'
+            for path, r, pv, n in cf
+        )
+        parts.append(
+            "<details><summary>Closed-form explanations (spec §7): rank correlation with the measurement, per family</summary>"
+            '<table><thead><tr><th class="l">quantity / family</th><th>Spearman ρ</th><th>p</th><th>policies</th></tr></thead>'
+            f"<tbody>{rows}</tbody></table></details>"
         )
     t = _table(report, report.measured, SECONDARY_METRICS)
     if t:

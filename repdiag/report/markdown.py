@@ -97,6 +97,32 @@ def _int_human(n: Any) -> str:
     return str(n)
 
 
+def closed_form_rows(closed_form: Mapping[str, Any], min_policies: int = 3) -> list[tuple[str, Any, Any, Any]]:
+    """Flatten ``prediction.closed_form`` to (path, rho, p, n_policies) rows, skipping tiny families.
+
+    Any nesting works (e.g. quantity → family → {rho, p, n_policies}); the path joins the keys with " / ".
+    """
+    rows: list[tuple[str, Any, Any, Any]] = []
+
+    def walk(node: Any, path: tuple[str, ...]) -> None:
+        if isinstance(node, Mapping) and "rho" in node:
+            n = node.get("n_policies")
+            if node.get("rho") is not None and (not isinstance(n, int) or n >= min_policies):
+                rows.append((" / ".join(path), node.get("rho"), node.get("p"), n))
+            return
+        if isinstance(node, Mapping):
+            for k in sorted(node):
+                walk(node[k], (*path, str(k)))
+
+    walk(closed_form, ())
+    return rows
+
+
+def _metric_order(keys: Iterable[str]) -> list[str]:
+    keys = list(keys)
+    return [k for k in PRIMARY_METRICS if k in keys] + sorted(k for k in keys if k not in PRIMARY_METRICS)
+
+
 def render_markdown(report: Report, *, max_examples: int = 6, max_cycles: int = 8, max_pairs: int = 10) -> str:
     """The reviewer's summary of one report (GitHub-flavoured Markdown)."""
     m, s, pr, mx = report.model, report.settings, report.prompts, report.matrix
@@ -146,7 +172,8 @@ def render_markdown(report: Report, *, max_examples: int = 6, max_cycles: int = 
                 if k in report.predicted.get(p, {}):
                     cell += f" ({format_number(report.predicted[p][k])})"
                 row.append(cell)
-            rows.append(row)
+            if any(cell != "—" for cell in row[1:]):
+                rows.append(row)
         out += _table(header, rows)
         out.append("")
     pred = report.prediction
@@ -157,13 +184,24 @@ def render_markdown(report: Report, *, max_examples: int = 6, max_cycles: int = 
         )
         out.append("")
         rows = []
-        for k in sorted(pred.spearman, key=lambda x: (x not in PRIMARY_METRICS, PRIMARY_METRICS.index(x) if x in PRIMARY_METRICS else 0, x)):
+        for k in _metric_order(pred.spearman):
             sp = pred.spearman[k]
             rows.append([
                 _code(k), format_number(sp.get("rho"), 3), format_number(sp.get("p"), 2),
                 format_number(sp.get("n_policies")), format_number(pred.calibration_error.get(k), 3),
             ])
         out += _table(["metric", "Spearman ρ", "p", "policies", "calibration error"], rows)
+        out.append("")
+    cf = closed_form_rows(pred.closed_form)
+    if cf:
+        out.append(
+            "<details><summary>Closed-form explanations (spec §7): rank correlation with the measurement, per family</summary>"
+        )
+        out.append("")
+        out += _table(["quantity / family", "Spearman ρ", "p", "policies"],
+                      [[_esc(path), format_number(r, 3), format_number(pv, 2), format_number(n)] for path, r, pv, n in cf])
+        out.append("")
+        out.append("</details>")
         out.append("")
 
     # ---- other measured metrics ------------------------------------------------------------------

@@ -263,7 +263,6 @@ class EnvironmentInfo(_Section):
     def current(cls) -> "EnvironmentInfo":
         """The running interpreter's versions (imports torch and transformers if installed)."""
         import platform as _platform
-        import sys
 
         def version(mod: str) -> str | None:
             try:
@@ -279,7 +278,7 @@ class EnvironmentInfo(_Section):
         except Exception:  # noqa: BLE001
             pass
         return cls(
-            python=_platform.python_version() if sys.version_info else None,
+            python=_platform.python_version(),
             torch=version("torch"),
             transformers=version("transformers"),
             numpy=version("numpy"),
@@ -338,7 +337,7 @@ class Prediction(_Section):
 
 @dataclass(frozen=True, kw_only=True)
 class LoopCycle(_Section):
-    tokens: Sequence[int] = ()
+    tokens: Sequence[int | str] = ()  # token ids (preferred) or pieces
     text: str = ""
     basin_size: int = 0
 
