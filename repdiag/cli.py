@@ -57,12 +57,16 @@ for _name in COMMAND_MODULES:
     _module.register(app)
 
 
+_GLOBAL_FLAGS = ("--debug", "--quiet", "-q")
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the CLI and return the process exit code (0 ok, 1 regression, 2 bad input, 3 internal)."""
     args = list(sys.argv[1:] if argv is None else argv)
-    debug = "--debug" in args
-    if debug:  # accepted anywhere on the line, as users type it after the command
-        args = ["--debug", *[a for a in args if a != "--debug"]]
+    # the global flags are accepted anywhere on the line, as users type them after the command
+    hoisted = [a for a in args if a in _GLOBAL_FLAGS]
+    args = [*hoisted, *[a for a in args if a not in _GLOBAL_FLAGS]]
+    debug = "--debug" in hoisted
     try:
         # without standalone mode click returns a command's typer.Exit code instead of raising it
         code = app(args=args, standalone_mode=False)

@@ -288,10 +288,20 @@ def _headline(layout: dict[str, Any], keys: Sequence[str]) -> dict[str, Any]:
     return out
 
 
+def token_text(tokenizer: Any, token_id: int) -> str:
+    """A token's text with its leading space kept (SentencePiece ``▁``, byte-level ``Ġ``/``Ċ``)."""
+    piece = tokenizer.convert_ids_to_tokens(token_id)
+    if piece is None:
+        return f"<{token_id}>"
+    if piece.startswith(("▁", "Ġ", "Ċ")) or piece in ("<0x0A>",):
+        return piece.replace("▁", " ").replace("Ġ", " ").replace("Ċ", "\n").replace("<0x0A>", "\n")
+    return tokenizer.decode([token_id]) if not piece.startswith("<") else piece
+
+
 def _loop_map(greedy_layout: dict[str, Any], tm: Any, lm: Any, max_cycles: int = 12) -> dict[str, Any]:
     """The greedy loop map of the token matrix: cycles as text, basin sizes, loop fraction (spec §5)."""
     g = greedy_layout["quantities"]["greedy"]
-    labels = [lm.tokenizer.decode([int(t)]) for t in tm.state_tokens[:, -1]]
+    labels = [token_text(lm.tokenizer, int(t)) for t in tm.state_tokens[:, -1]]
     cycles = []
     order = np.argsort([-b for b in g["basin_sizes"]], kind="stable")
     for c in order[:max_cycles]:
@@ -351,7 +361,7 @@ def _build_chain(lm: Any, trace_prompts: Any, options: AnalyzeOptions, stages: S
     stages.start("tracing the model on the trace prompts", total=None)
     chain = build_trace(lm, list(trace_prompts.prompts), order=options.order, top_k=options.top_k,
                         modes=("greedy", "sample"), max_new_tokens=options.max_new_tokens, seed=options.seed,
-                        batch_size=options.batch_size, max_probe_rows=options.max_probe_rows)
+                        batch_size=options.batch_size, max_probe_rows=options.max_probe_rows, max_probe_prompts=2)
     tm, token_info = token_matrix(chain, max_states=options.bound_states)
     described = chain.describe()
     section = {"builder": "trace", "order": chain.order, "top_k": options.top_k, "n_states": chain.n_states,

@@ -5,16 +5,18 @@ which returns exactly the layout of spec §12::
 
     {"n": n, "eos_index": n, "route": "dense" | "sparse", "quantities": {...}}
 
-plus, for the sparse route only, ``"partial"`` (the dotted keys whose value is an estimate, a
-certified relaxation or a truncated series rather than the exact spec value) and ``"notes"``
-(one line per partial key saying what it is). No spec key is ever renamed or moved.
+On the sparse route three members sit beside ``quantities`` (no spec key is ever renamed or moved):
+``"partial"`` (the dotted keys whose value is not the exact spec value: an estimate, a certified
+relaxation or a truncated series), ``"notes"`` (one line per such key saying what it is) and
+``"estimates"`` (``{"su_R" | "fu_arp": {"se", "tail_bound"}}`` for the Hutchinson estimates).
+When ``eos_index`` is not last, ``"state_order"`` lists the caller's index of each token state.
 
 Conventions (spec §1, §12 "Conventions"):
 
 * ``A`` is ``(n+1)×(n+1)`` row-stochastic; ``<eos>`` is moved to the **last** index if
   ``eos_index`` is not already last, and every per-token list is then in the order of the
-  remaining states (original order with ``<eos>`` removed); ``greedy.next`` uses that order too,
-  with the value ``n`` for ``<eos>``.
+  remaining states (caller's order with ``<eos>`` removed); ``greedy.next``, ``cycles`` and
+  ``cyclic_sccs`` use those positions too, with ``n`` for ``<eos>``.
 * ``B = A[:n,:n]``, ``b = A[:n,n]``, ``Q = B∘B``, ``S = 1[B>0]``.
 * ``residual`` (optional, length ``n+1`` in the caller's order) is the unstored mass of each row,
   spread uniformly over that row's unstored (zero) non-``<eos>`` columns (spec §2.3, A3).
@@ -22,14 +24,19 @@ Conventions (spec §1, §12 "Conventions"):
   ``R`` / ``r_i`` diverge when ``ρ(Q) ≥ 1 − 1e-12`` (per SCC for ``r_i``); ``R_Fu``,
   ``R_Fu^corr`` and (r-2) when ``ζn ≤ ρ(B)² + 1e-12``; with ``ζn = 0`` these three are 0 (A2).
 
-Routes (spec §3.5, §4.6, §13): ``route="dense"`` (default for ``n ≤ 4096``) uses LAPACK on the
-whole matrix (eigenvalues, SVDs, solves) and the per-SCC block decomposition for everything
-spectral; ``route="sparse"`` keeps ``B`` as CSR plus the rank-one residual part, finds SCCs with
-``scipy.sparse.csgraph``, treats every cyclic SCC of ≤ 4096 states exactly (dense block, sparse ×
-dense powers) and larger ones by ARPACK + Collatz–Wielandt, exact ``k ≤ 2`` traces, Hutchinson
-estimates for ``k ≥ 3`` and certified tails. Fu's Theorem 1 / Cor 1.1 / Cor 1.2 inputs
-(``‖B²‖_*``, ``σ_min``, ``rank``) are replaced on the sparse route by the certified relaxation of
-spec §4.6 and listed in ``partial``.
+Routes (spec §3.5, §4.6, §13). Both work per cyclic SCC (closed walks never leave one):
+
+* ``"dense"`` (auto for ``n ≤ 4096``): LAPACK eigenvalues of every SCC block, dense block solves
+  for ``r_i`` and the Fu closed form, matrix powers (CSR products when a block is sparse) for the
+  traces, the rigorous lower bounds and the corrected ARP with certified tails, SVDs of ``B²`` and
+  ``ζnI − B²`` for Theorem 1 / Cor 1.1, and the whole-matrix Collatz–Wielandt iteration (4000 steps).
+* ``"sparse"``: ``B`` stays CSR plus the rank-one residual part; SCCs by
+  ``scipy.sparse.csgraph``; SCCs of ≤ 4096 states exactly as above (their spectral radii by the
+  Collatz–Wielandt power iteration to a 1e-14 bracket, LAPACK as the fallback); larger SCCs by
+  power iteration with the certified bracket (ARPACK fallback), exact ``k ≤ 2`` traces, Hutchinson
+  estimates of the ``k ≥ 3`` terms and certified tails; termination by GMRES; Theorem 1 / Cor 1.1
+  / Cor 1.2 with the certified relaxation of §4.6 (``‖B²‖_*`` upper bound, ``σ_min ≥ max(D, 0)``,
+  ``rank ≤ #non-zero columns``).
 """
 
 from __future__ import annotations
@@ -699,29 +706,6 @@ def _powers_loop(blk: _Block, zeta_n: float, K_t: int, K_lb: int, K_mc: int, cor
 # --------------------------------------------------------------------------------------------
 
 
-def _rho_large(op: _Op, seed: int) -> tuple[float, tuple[float, float], np.ndarray]:
-    """Perron root of an irreducible non-negative block given by matvecs: shifted power iteration
-    with the Collatz–Wielandt bracket (certified), ARPACK ``eigs(k=1)`` as the fallback start."""
-    c = op.C.shape[0]
-    x0 = np.ones(c)
-    lo0, hi0 = _cw_bracket_at(op.matvec, x0)
-    shift = 0.25 * hi0 if hi0 > 0 else 1.0
-    lo, hi, x = _cw_iterate(op.matvec, x0, 200, shift=shift, stop_width=1e-12)
-    if hi - lo > 1e-10 * max(hi, 1e-300):
-        try:
-            L = spla.LinearOperator((c, c), matvec=lambda v: op.matvec(np.ravel(v)), dtype=np.float64)
-            vals, vecs = spla.eigs(L, k=1, which="LM", v0=x, tol=1e-13, maxiter=5000, ncv=min(c - 1, 24))
-            rho = float(abs(vals[0]))
-            y = np.abs(vecs[:, 0].real)
-            y = np.maximum(y, y.max() * 1e-12)
-            lo2, hi2, x2 = _cw_iterate(op.matvec, y, 300, shift=rho, stop_width=1e-12)
-            if hi2 - lo2 < hi - lo:
-                lo, hi, x = lo2, hi2, x2
-        except Exception:  # ARPACK failure: keep the power-iteration bracket
-            pass
-    return 0.5 * (lo + hi), (lo, hi), x
-
-
 def _large_block(ch: _Chain, idx: np.ndarray, zeta_n: float, K_t: int, K_mc: int, seed: int, probes: int) -> _Block:
     """A cyclic SCC of more than 4096 states (sparse route only).
 
@@ -837,8 +821,9 @@ def _rho_masked(mv, mask: np.ndarray) -> tuple[float, tuple[float, float], np.nd
     the Collatz–Wielandt bracket (certified); ARPACK ``eigs(k=1)`` when it converges slowly."""
     n = mask.size
     x0 = mask.astype(np.float64)
-    lo0, hi0 = _cw_bracket_at(mv, x0)
-    shift = 0.25 * hi0 if hi0 > 0 else 1.0
+    y0 = mv(x0)
+    mean_row = float(y0[mask].mean()) if mask.any() else 0.0  # ≈ ρ for near-regular blocks
+    shift = 0.25 * mean_row if mean_row > 0 else 1.0
     lo, hi, x = _cw_iterate(mv, x0, 200, shift=shift, stop_width=1e-12, adaptive=True)
     if hi - lo > 1e-10 * max(hi, 1e-300):
         try:
@@ -1160,6 +1145,14 @@ class _Sampler:
         self.cols = cols
         self.Bs = Bs
 
+    def _keys(self) -> np.ndarray:
+        """Sorted ``row·n + col`` of the stored entries (built on the first residual draw)."""
+        if getattr(self, "_k", None) is None:
+            Bs = self.Bs
+            rows = np.repeat(np.arange(self.n, dtype=np.int64), np.diff(Bs.indptr))
+            self._k = rows * self.n + Bs.indices
+        return self._k
+
     def step(self, x: np.ndarray, rng: np.random.Generator) -> np.ndarray:
         n = self.n
         alive = x < n
@@ -1189,12 +1182,10 @@ class _Sampler:
             while pending.size:
                 cand = rng.integers(0, n, size=pending.size)
                 r = rows[pending]
-                lo, hi = self.Bs.indptr[r], self.Bs.indptr[r + 1]
-                stored = np.zeros(pending.size, bool)
-                for t in range(pending.size):  # rare path (residual mass)
-                    seg = self.Bs.indices[lo[t] : hi[t]]
-                    k = np.searchsorted(seg, cand[t])
-                    stored[t] = k < seg.size and seg[k] == cand[t]
+                keys = self._keys()
+                want = r.astype(np.int64) * n + cand
+                k = np.minimum(np.searchsorted(keys, want), max(keys.size - 1, 0))
+                stored = (keys[k] == want) if keys.size else np.zeros(pending.size, bool)
                 choice[pending[~stored]] = cand[~stored]
                 pending = pending[stored]
             nxt[res] = choice
@@ -1452,6 +1443,11 @@ def compute_quantities(
     trajectories per start state, default :func:`default_mc_trajectories` (``clip(200000 // n,
     2, 1000)``). ``seed``: the only source of randomness (Monte Carlo, Hutchinson probes).
     ``route``: ``"auto"`` (dense iff ``n ≤ 4096``), ``"dense"`` or ``"sparse"``.
+    ``hutchinson_probes``: Rademacher probes for SCCs of more than 4096 states (sparse route).
+
+    Monte Carlo (``mc``): ``M`` trajectories from every start state, ``2K`` steps each, counting the
+    events ``E_k(0)`` (``k ≤ K``) and the returns ``x_2k = x_0`` weighted by ``ζn^-k``; the standard
+    error is ``sqrt(Σ_i var_i / M)`` over start states.
     """
     eos = validate_transition_matrix(A, eos_index, residual)
     N = _shape_of(A)[0]

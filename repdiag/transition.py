@@ -528,7 +528,7 @@ def _validate_parts(matrix, residual, eos_index, state_tokens, *, tol: float = R
             f"row {i} sums to {sums[i] + residual[i]:.9g} (stored + residual), not 1: rows must be probability distributions"
         )
     if abs(float(eos_self) - 1.0) > tol:
-        raise MatrixFormatError(f"row {int(eos_index)} (<eos>) is not absorbing: A[eos, eos] = {float(eos_self):.6g}, expected 1")
+        raise MatrixFormatError(f"row {int(eos_index)} (<eos>) is not absorbing: A(eos, eos) = {float(eos_self):.6g}, expected 1")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -714,22 +714,22 @@ class _RowStore:
                  source: int) -> None:
         """Rows given by their top-K tokens ``(B, K)``, probabilities ``(B, K)`` and eos probability ``(B,)``."""
         eos = self.eos
+        states = np.asarray(states, dtype=np.int64)
+        toks = np.asarray(toks, dtype=np.int64)
         has_eos = (toks == eos).any(axis=1)
-        order = np.argsort(toks, axis=1, kind="stable")
-        toks = np.take_along_axis(toks, order, axis=1).astype(np.int64)
-        vals = np.take_along_axis(vals, order, axis=1).astype(np.float64)
-        sums = vals.sum(axis=1)
-        for m, s in enumerate(np.asarray(states).tolist()):
-            t, v = toks[m], vals[m]
-            total = sums[m]
-            if not has_eos[m]:
-                pos = int(np.searchsorted(t, eos))
-                t = np.insert(t, pos, eos)
-                v = np.insert(v, pos, eos_vals[m])
-                total += eos_vals[m]
-            self.tokens[s], self.probs[s] = t, v
-            self.residual[s] = max(0.0, 1.0 - float(total))
-            self.source[s] = source
+        # one extra column holds eos where the top-K lacks it, and a -1 placeholder (sorted first) elsewhere
+        ext_t = np.concatenate([toks, np.where(has_eos, -1, eos)[:, None]], axis=1)
+        ext_v = np.concatenate([np.asarray(vals, dtype=np.float64),
+                                np.where(has_eos, 0.0, np.asarray(eos_vals, dtype=np.float64))[:, None]], axis=1)
+        order = np.argsort(ext_t, axis=1, kind="stable")
+        ext_t = np.take_along_axis(ext_t, order, axis=1)
+        ext_v = np.take_along_axis(ext_v, order, axis=1)
+        totals = ext_v.sum(axis=1)
+        for m, s in enumerate(states.tolist()):
+            start = 1 if has_eos[m] else 0
+            self.tokens[s], self.probs[s] = ext_t[m, start:].copy(), ext_v[m, start:].copy()
+        self.residual[states] = np.maximum(0.0, 1.0 - totals)
+        self.source[states] = source
 
     def put_sparse(self, state: int, toks: np.ndarray, vals: np.ndarray, source: int) -> None:
         """A row given as (token ids, probabilities), already including the eos column."""
@@ -753,20 +753,15 @@ class _RowStore:
         """Map token columns to successor states, make eos absorbing, fill missing rows, build CSR/dense."""
         tm = tm_skeleton
         eos_state = tm.eos_index
-        rows_i, toks_i, vals_i = [], [], []
-        for s in range(self.n):
-            if s == eos_state:
-                continue
-            t = self.tokens[s]
-            if t is None:  # missing row: uniform placeholder (eos stored explicitly as 0, residual 1)
-                rows_i.append(np.array([s]))
-                toks_i.append(np.array([self.eos]))
-                vals_i.append(np.array([0.0]))
-                self.residual[s] = 1.0
-                continue
-            rows_i.append(np.full(len(t), s))
-            toks_i.append(t)
-            vals_i.append(self.probs[s])
+        present = [s for s in range(self.n) if self.tokens[s] is not None and s != eos_state]
+        missing = np.array([s for s in range(self.n) if self.tokens[s] is None and s != eos_state], dtype=np.int64)
+        # missing rows: uniform placeholders (eos stored explicitly as 0, residual 1)
+        rows_i = [np.repeat(np.asarray(present, dtype=np.int64), [len(self.tokens[s]) for s in present]), missing]
+        toks_i = [np.concatenate([self.tokens[s] for s in present]) if present else np.zeros(0, np.int64),
+                  np.full(len(missing), self.eos, dtype=np.int64)]
+        vals_i = [np.concatenate([self.probs[s] for s in present]) if present else np.zeros(0),
+                  np.zeros(len(missing))]
+        self.residual[missing] = 1.0
         r = np.concatenate(rows_i).astype(np.int64)
         t_all = np.concatenate(toks_i).astype(np.int64)
         v = np.concatenate(vals_i).astype(np.float64)
@@ -947,8 +942,8 @@ def _probe_dense_rows(lm: "LoadedModel", contexts: list[_PromptContext], tokens:
 
     ``rows`` is the mean probability matrix ``(B, V)`` float64 over the prompts, or — on the fast path
     (one prompt, ``top_k < V``, no per-prompt rows) — a tuple ``(top tokens (B, K), top probs (B, K),
-    eos probs (B,))``: one top-k on the logits and one log-sum-exp per row (the exponentials in the
-    model's float precision, summed in float64), no V-wide float64 softmax.
+    eos probs (B,))``: one top-k on the logits and one log-sum-exp per row (in the logits' precision,
+    as the model's own softmax), then float64 for the K kept entries; no V-wide float64 softmax.
     """
     import torch
 
@@ -965,8 +960,7 @@ def _probe_dense_rows(lm: "LoadedModel", contexts: list[_PromptContext], tokens:
                 logits = _step_logits(lm, contexts[0], t)
                 if logits.dtype not in (torch.float32, torch.float64):
                     logits = logits.float()
-                mx = logits.max(dim=-1, keepdim=True).values
-                lse = mx.squeeze(-1).double() + torch.log(torch.exp(logits - mx).sum(dim=-1, dtype=torch.float64))
+                lse = torch.logsumexp(logits, dim=-1).double()  # in the logits' precision, like softmax
                 top_v, top_i = torch.topk(logits, top_k, dim=-1, sorted=False)
                 p_top = torch.exp(top_v.double() - lse[:, None])
                 p_eos = torch.exp(logits[:, eos].double() - lse)

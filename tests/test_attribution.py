@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from repdiag.attribution import Query, Record, attribute, checkpoint_kernel, path_kernel, tangent_kernel
-from repdiag.attribution.data import TrainPair, collate, encode_pair, example_losses
-from repdiag.attribution.dump import contributions_agree, write_dump
+from repdiag.attribution.data import TrainPair, collate, example_losses
+from repdiag.attribution.dump import contributions_agree
 from repdiag.attribution.features import GradientComputer, ParamSpace
 from repdiag.attribution.recorder import IndexedCollator, PathRecorder, PathRecorderCallback
 from repdiag.attribution.toy import encode_all, repeat_pairs, train_sgd
@@ -348,7 +348,7 @@ def test_checkpoint_mode_with_projection_and_cache(t5_run, tmp_path):
 
     m, rec, q = t5_run["model"], Record.load(t5_run["dir"]), t5_run["query"]
     full = checkpoint_kernel(m, rec, q, backend="auto")
-    pr = Projector(dim=1024, seed=0)
+    pr = Projector(dim=512, seed=0)
     first = checkpoint_kernel(m, rec, q, backend="auto", projector=pr, cache_dir=tmp_path)
     assert len(list(tmp_path.glob("*.npy"))) == 4 and any("projected" in w for w in first.warnings)
     again = checkpoint_kernel(m, rec, q, backend="auto", projector=pr, cache_dir=tmp_path)   # from the cache

@@ -788,6 +788,11 @@ def test_residual_uniform_model_dense_equals_sparse_and_explicit():
     _cmp(e["quantities"], d["quantities"], set())
     _cmp(d["quantities"], s["quantities"], set(s["partial"]) | mcskip)
     assert d["quantities"]["zeta_n"] > 6  # residual rows now reach every state
+    # the sampler's residual pseudo-entry (uniform over unstored columns) against the exact values
+    s2 = theory.compute_quantities(sp.csr_matrix(A2), residual=res, route="sparse", mc_trajectories=400)
+    mc = s2["quantities"]["mc"]
+    assert abs(mc["su_R_trunc_mc"] - mc["su_R_trunc_exact"]) <= 4 * mc["su_R_trunc_se"]
+    assert abs(mc["fu_arp_trunc_mc"] - mc["fu_arp_trunc_exact"]) <= 4 * mc["fu_arp_trunc_se"]
 
 
 def test_eos_not_last_is_permuted():
@@ -940,3 +945,25 @@ def test_large_scc_path_against_dense(monkeypatch, with_residual, degree):
     fs, fd = sq["fu_bounds"], dq["fu_bounds"]
     assert fs["nuclear_norm_B2"] >= fd["nuclear_norm_B2"] * (1 - 1e-12)
     assert fs["sigma_min"] <= fd["sigma_min"] + 1e-12
+
+
+def test_sampler_residual_row_frequencies():
+    """One simulated step from a truncated row: stored entries, <eos> and the residual spread
+    uniformly over the unstored non-eos columns (spec §2.3), each within 4 standard errors."""
+    n = 6
+    A = np.zeros((n + 1, n + 1))
+    A[:, n] = 0.1
+    A[:n, 0] = 0.5
+    A[:n, 2] = 0.2  # 0.2 left as residual, spread over columns 1, 3, 4, 5
+    A[n] = 0
+    A[n, n] = 1
+    res = np.full(n + 1, 0.2)
+    res[n] = 0
+    ch = theory._Chain.build(sp.csr_matrix(A), res, dense=False)
+    smp = theory._Sampler(ch)
+    M = 200_000
+    x = smp.step(np.zeros(M, dtype=np.int32), np.random.default_rng(1))
+    freq = np.bincount(x, minlength=n + 1) / M
+    expect = np.array([0.5, 0.05, 0.2, 0.05, 0.05, 0.05, 0.1])
+    se = np.sqrt(expect * (1 - expect) / M)
+    assert np.all(np.abs(freq - expect) <= 4 * se), (freq, expect)

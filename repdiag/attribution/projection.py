@@ -19,7 +19,12 @@ from ..errors import UsageError
 if TYPE_CHECKING:  # pragma: no cover
     import torch
 
-__all__ = ["Projector"]
+__all__ = ["Projector", "MEMO_BUDGET_BYTES"]
+
+#: generated projection blocks are kept in memory up to this many bytes (regenerated beyond it)
+MEMO_BUDGET_BYTES = 256 * 2**20
+_MEMO: dict = {}
+_MEMO_BYTES = [0]
 
 
 @dataclass(frozen=True)
@@ -39,7 +44,20 @@ class Projector:
         return {"kind": self.kind, "dim": self.dim, "seed": self.seed, "block": self.block}
 
     def _matrix(self, name: str, b: int, rows: int, dtype) -> "torch.Tensor":
+        key = (self.kind, self.dim, self.seed, self.block, name, b, rows)
+        hit = _MEMO.get(key)
+        if hit is None:
+            hit = self._generate(name, b, rows)
+            size = hit.numel() * hit.element_size()
+            if size + _MEMO_BYTES[0] <= MEMO_BUDGET_BYTES:
+                _MEMO[key] = hit
+                _MEMO_BYTES[0] += size
+        return hit.to(dtype)
+
+    def _generate(self, name: str, b: int, rows: int) -> "torch.Tensor":
         import torch
+
+        dtype = torch.float64
 
         s = int(hashlib.sha256(f"{self.seed}:{name}:{b}".encode()).hexdigest()[:15], 16)
         g = torch.Generator().manual_seed(s)

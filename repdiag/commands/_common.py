@@ -14,7 +14,8 @@ from .._atomic import dumps_json
 
 __all__ = ["stdout", "stderr", "OutputFormat", "print_json", "progress_bar", "STATE"]
 
-stdout = Console(soft_wrap=True)
+#: data goes to stdout; when it is not a terminal (CI logs, files) tables get 120 columns, not rich's 80.
+stdout = Console(soft_wrap=True, width=None if sys.stdout.isatty() else 120)
 stderr = Console(stderr=True, soft_wrap=True)  # an error stays one line in CI logs
 
 
