@@ -751,9 +751,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     write_jsonl_gz(out / "heldout.jsonl.gz", (p.to_dict() for p in held_pairs))
     (out / "manifest.json").write_text(json.dumps(manifest, indent=1, sort_keys=True) + "\n", encoding="utf-8")
 
-    cmd_parts = ["python examples/train_default_model.py"]
-    if args.out.resolve() != DEFAULT_OUT.resolve():
-        cmd_parts.append(f"--out {args.out}")
+    cmd_parts = ["python examples/train_default_model.py"]   # --out changes where, not what
     for flag, val, default in [("--epochs", args.epochs, TrainSettings.epochs), ("--max-steps", args.max_steps, -1),
                                ("--threads", args.threads, 1), ("--seed", args.seed, TrainSettings.seed),
                                ("--lr", args.lr, TrainSettings.learning_rate),

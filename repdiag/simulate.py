@@ -28,7 +28,11 @@ __all__ = ["Chain", "SimulationResult", "simulate_chain", "simulate_policy", "is
 
 
 class Chain(Protocol):
-    """What the simulator needs of a chain: its order and the next-token log-probabilities of contexts."""
+    """What the simulator needs of a chain: its order and the next-token log-probabilities of contexts.
+
+    A chain may also offer ``next_logits(contexts)`` (log-probabilities plus each row's logit shift,
+    as ``TransitionMatrix`` does); the simulator then prefers it.
+    """
 
     order: int
 
@@ -99,14 +103,17 @@ def simulate_chain(
     finished = torch.zeros(batch, dtype=torch.bool)
     generated = np.full((batch, max_new_tokens), -1, dtype=np.int64)
     order = chain.order
+    # generate() hands processors raw logits; a chain that knows each row's logit shift gives the same
+    # scale (the repetition penalty's sign rule depends on it, spec §8.8), else log-probabilities
+    next_scores = getattr(chain, "next_logits", chain.next_logprobs)
     steps_done = 0
     for step in range(max_new_tokens):
         end = width + step
         contexts = context[:, max(0, end - order):end]
         if contexts.shape[1] < order:
             contexts = np.concatenate([np.full((batch, order - contexts.shape[1]), -1, np.int64), contexts], axis=1)
-        log_probs = torch.from_numpy(np.asarray(chain.next_logprobs(contexts), dtype=np.float32))
-        scores = processors(history[:, :end], log_probs)
+        scores = torch.from_numpy(np.asarray(next_scores(contexts), dtype=np.float32))
+        scores = processors(history[:, :end], scores)
         if do_sample:
             probs = torch.softmax(scores, dim=-1)
             next_tokens = torch.multinomial(probs, 1, generator=generator).squeeze(1)

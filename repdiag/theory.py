@@ -683,13 +683,9 @@ def _powers_loop(blk: _Block, zeta_n: float, K_t: int, K_lb: int, K_mc: int, cor
         needS = needQ and k < K_lb or k < K_t
         b_done = k >= K_t and not needQ
         if b_done and corr_conv and zeta_n > 0:
-            qc = rhoB / zeta_n
-            if qc < 1:
-                b_done = _tail_geo(m, qc, k) <= _SERIES_RTOL * max(cumCorr, 1e-300)
-            else:  # rare: ρ(B)² < ζn ≤ ρ(B); asymptotic-rate tail (not certified)
-                rate = rhoB**2 / zeta_n
-                last = float(np.dot(blk.dB[-1], blk.dB[-1])) / zeta_n**k
-                b_done = k > 2 * c and last * rate / (1 - rate) <= _SERIES_RTOL * max(cumCorr, 1e-300)
+            # Σ_i ((B^k)_ii)² ≤ min(tr B^k, (tr B^k)²) ≤ min(m ρ^k, m² ρ^{2k}) (diagonals in [0, 1])
+            tail = min(_tail_geo(m, rhoB / zeta_n, k), _tail_geo(m * m, rhoB**2 / zeta_n, k))
+            b_done = tail <= _SERIES_RTOL * max(cumCorr, 1e-300)
         if b_done and k < 2 * K_mc and fu_conv and zeta_n > 0:
             qf = rhoB**2 / zeta_n
             b_done = _tail_geo(m, qf, k // 2) <= _SERIES_RTOL * max(cumFu, 1e-300)

@@ -1205,8 +1205,10 @@ def build_trace(
     ``c`` (``j = 1..order``, decoder-side tokens only) counts towards the ``j``-gram state ``c``; the row
     of a state is the mean of its steps' distributions. ``j ≥ 2``-gram states are kept when visited at
     least ``min_count`` times. 1-gram states never visited fall back to prompt-conditioned probe rows
-    (at most ``max_probe_rows``, those with the most inflow first, using the first
-    ``max_probe_prompts`` prompts) and are flagged in ``row_source``; the rest stay missing.
+    (all of them when they are at most ``max_probe_rows``, else those that a built row's stored
+    entries reach, the most inflow first, up to ``max_probe_rows``; averaged over the first
+    ``max_probe_prompts`` prompts) and are flagged in ``row_source``;
+    the rest stay missing (uniform placeholder rows: residual 1) until :func:`fill_rows` probes them.
 
     ``meta`` gets ``coverage`` (``rows_visited``: share of states built from steps; ``tokens_visited``:
     share of 1-gram states; ``mass_visited``: visit-weighted share of next-state probability mass that
@@ -1427,7 +1429,7 @@ def build_trace(
     unvisited = unvisited[unvisited != eos]
     n_probed = 0
     if probe_fallback and len(unvisited) and max_probe_rows > 0:
-        cand = _rank_unvisited(store, unvisited, V)
+        cand = _rank_unvisited(store, unvisited, V, max_probe_rows)
         cand = cand[:max_probe_rows]
         if len(cand):
             probed_shift = _probe_into(lm, store, cand, prompts[:max(1, max_probe_prompts)], batch_size=64)
@@ -1474,12 +1476,17 @@ def _decode_keys(keys: np.ndarray, base: int, order: int) -> np.ndarray:
     return out
 
 
-def _rank_unvisited(store: _RowStore, unvisited: np.ndarray, V: int) -> np.ndarray:
-    """Unvisited tokens ordered by the inflow they receive from built rows (largest first)."""
+def _rank_unvisited(store: _RowStore, unvisited: np.ndarray, V: int, budget: int) -> np.ndarray:
+    """Unvisited tokens by the inflow they receive from built rows (largest first).
+
+    When they are more than ``budget``, only those a built row's stored entries reach are kept.
+    """
     inflow = np.zeros(V)
     for t, p in zip(store.tokens, store.probs):
         if t is not None:
             np.add.at(inflow, t, p)
+    if len(unvisited) > budget:
+        unvisited = unvisited[inflow[unvisited] > 0]
     order = np.argsort(-inflow[unvisited], kind="stable")
     return unvisited[order]
 

@@ -354,3 +354,40 @@ def test_checkpoint_mode_with_projection_and_cache(t5_run, tmp_path):
     again = checkpoint_kernel(m, rec, q, backend="auto", projector=pr, cache_dir=tmp_path)   # from the cache
     assert np.allclose(again.contributions, first.contributions, rtol=1e-2, atol=1e-3 * np.abs(first.contributions).max())
     assert spearmanr(first.contributions, full.contributions).statistic > 0.8
+
+
+def test_attribute_loop_entry_point(t5_run):
+    """What ``repdiag analyze`` calls: a LoadedModel, the pairs, the record, the prompt and generate()'s ids."""
+    from repdiag.attribution import attribute_loop
+    from repdiag.models import wrap_model
+
+    lm = wrap_model(t5_run["model"], t5_run["tok"])
+    gen = [0] + t5_run["tok"](text_target="a b a b a b")["input_ids"]          # as generate() returns it
+    res = attribute_loop(lm, t5_run["pairs"], t5_run["dir"], "copy a b", gen, mode="checkpoints", top=3,
+                         notify=None)
+    d = res.to_dict(3)
+    assert d["mode"] == "checkpoints" and d["query"]["loop"] == {"start": 0, "period": 2}
+    assert d["query"]["generated_ids"] == gen[1:] and len(d["top"]) <= 3
+    for key in ("completeness_residual", "delta_m", "b", "completeness", "warnings"):
+        assert key in d
+    assert {"source", "target"} <= set(d["top"][0]["pair"]) and "contribution" in d["top"][0]
+    no_loop = attribute_loop(lm, t5_run["pairs"], t5_run["dir"], "copy a b", [0, 6, 7, 8, 1], mode="final",
+                             notify=None)
+    assert no_loop.measurement == "sequence" and "no loop found" in no_loop.warnings[0]
+
+
+def test_causal_model_record_and_replay(tmp_path):
+    """Decoder-only (GPT-2): record with the plain loop, replay exactly, attribute a loop in the continuation."""
+    model, tok = build_tiny("gpt2", dtype=torch.float64)
+    pairs = repeat_pairs(12, seed=7, max_len=3)
+    ex = encode_all(tok, "causal", pairs)
+    assert ex[0].labels[0] == -100 and ex[0].labels[-1] == tok.eos_token_id
+    train_sgd(model, ex, tmp_path, kind="causal", pad_token_id=0, batch_size=4, lr=0.05, pairs=pairs)
+    rec = Record.load(tmp_path)
+    assert rec.kind == "causal" and rec.examples()[3] == ex[3]
+    prompt = tok("copy a b")["input_ids"]
+    q = Query.build("causal", prompt, prompt + [6, 7, 6, 7, 6, 7])
+    assert q.loop == (0, 2)
+    res = path_kernel(model, rec, q, rule="exact", rules=["first"], backend="auto")
+    assert res.diagnostics["replay_final_max_abs_error"] <= 1e-12
+    assert abs(res.residual) <= 1e-6 * res.diagnostics["sum_abs_step_changes"]

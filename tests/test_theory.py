@@ -967,3 +967,24 @@ def test_sampler_residual_row_frequencies():
     expect = np.array([0.5, 0.05, 0.2, 0.05, 0.05, 0.05, 0.1])
     se = np.sqrt(expect * (1 - expect) / M)
     assert np.all(np.abs(freq - expect) <= 4 * se), (freq, expect)
+
+
+def test_corrected_arp_when_zeta_n_below_rho():
+    """ρ(B)² < ζn ≤ ρ(B) (many rows go straight to <eos>): the corrected ARP and (r-2) still converge
+    and match their series; Fu's closed form matches the eigenvalue route."""
+    B = np.zeros((13, 13))
+    B[0, 1] = B[1, 2] = B[2, 0] = 0.45
+    A = absorbing(B)
+    q = theory.compute_quantities(A, mc_trajectories=2)["quantities"]
+    zn = 3 / 13
+    assert_close(q["zeta_n"], zn)
+    assert q["rho_B"] > zn and q["rho_B2"] < zn
+    e2, s2 = fu_corr_routes(B)
+    assert_close(q["fu_arp_corrected"], s2)
+    assert_close(q["su_estimate_r2"], r2_series(B), 1e-8)
+    eig, ser = fu_routes(B)
+    assert_close(q["fu_arp"], eig, 1e-8)
+    p6 = 0.45**6 / zn**3
+    assert_close(q["fu_arp_corrected"], 3 * p6 / (1 - p6))
+    s = theory.compute_quantities(sp.csr_matrix(A), route="sparse", mc_trajectories=2)["quantities"]
+    assert_close(s["fu_arp_corrected"], q["fu_arp_corrected"]) ; assert_close(s["su_estimate_r2"], q["su_estimate_r2"])

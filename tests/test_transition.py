@@ -512,3 +512,21 @@ def test_cli_build_and_show(tmp_path, capsys):
     (tmp_path / "bad.npz").write_bytes(b"PK\x03\x04 not really")
     assert main(["matrix", "show", str(tmp_path / "bad.npz")]) == 2
     assert "error:" in capsys.readouterr().err
+
+
+def test_trace_probe_budget_and_fill_rows():
+    lm = _wrap("gpt2")
+    tm = build_trace(lm, ["a b"], order=2, top_k=3, max_new_tokens=4, modes=("greedy",), max_probe_rows=2)
+    cov = tm.meta["coverage"]
+    assert cov["n_probed"] <= 2 and cov["n_missing"] > 0
+    missing = np.flatnonzero(tm.missing)
+    assert np.all(tm.residual[missing] == 1.0)
+    # a missing row reads as uniform over the non-eos tokens in the simulator's view
+    p = tm.next_distribution(np.array([[int(missing[0])]]))[0]
+    assert p[lm.eos_token_id] == 0 and np.allclose(np.delete(p, lm.eos_token_id), 1 / 31)
+    filled = fill_rows(tm, lm, missing[:3], ["a b"])
+    assert (filled.row_source[missing[:3]] == ROW_PROBE).all()
+    assert filled.meta["coverage"]["n_missing"] == cov["n_missing"] - 3
+    assert np.isfinite(filled.row_logit_shift[missing[:3]]).all()
+    assert np.abs(filled.row_sums() - 1).max() <= 1e-12
+    filled.validate()

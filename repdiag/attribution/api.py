@@ -123,6 +123,9 @@ def attribute(model, query: Query, *, record: Record | str | Path | None = None,
               **kwargs: Any) -> KernelAttribution:
     """Attribute ``query``'s ``measurement`` to the training examples.
 
+    Checkpoint mode also takes ``projector=Projector(dim, kind, seed)`` and ``cache_dir=...`` (projected
+    training features cached per checkpoint; other modes ignore both).
+
     ``record``: a record folder or :class:`Record` (``None`` → final mode over ``train``). ``train``: the
     training pairs (path or sequence) — checked against the record, used to display pairs (and, in final
     mode without a record, as the examples). Extra ``kwargs`` go to the kernel function.
@@ -141,6 +144,8 @@ def attribute(model, query: Query, *, record: Record | str | Path | None = None,
         if notify is not None:
             notify(msg)
     display = tuple((p.source, p.target) for p in pairs) if pairs else None
+    if chosen != "checkpoints":  # the replay modes stream exact dot products; projection is for checkpoints
+        kwargs = {k: v for k, v in kwargs.items() if k not in ("projector", "cache_dir")}
     if chosen in _RULE:
         res = path_kernel(model, record, query, rule=_RULE[chosen], measurement=measurement, pairs=display,
                           backend=backend, progress=progress, **kwargs)

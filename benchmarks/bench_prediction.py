@@ -1,0 +1,91 @@
+"""Predicted against measured repetition across ≥ 12 decoding policies (issue 6, spec §7.1).
+
+Runs ``repdiag analyze`` with 14 policies mixing greedy, sampling, truncation, repetition penalty and
+no-repeat-n-gram on ≥ 100 prompts (half trace, half measurement, disjoint) and prints the Spearman
+correlation between the chain-simulation prediction and the measurement for rep-w16, rep-r and
+seq-rep-4, with the closed forms' figures per family. Models: the bundled default model and the real
+TinyStories Llama in ../shared/models/tinystories-260k (skipped when absent).
+
+    .venv/bin/python benchmarks/bench_prediction.py [--prompts 100] [--max-new-tokens 64] [--model default|tinystories|both]
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+POLICIES = ("greedy,temperature_0.7,temperature_1.3,top_k_10,top_k_50,top_p_0.9,top_p_0.95,typical_0.9,min_p_0.1,"
+            "repetition_penalty_1.2,repetition_penalty_1.5,no_repeat_ngram_3,t0.7_top_p_0.9,rp1.2_top_p_0.9")
+TINYSTORIES = Path(__file__).resolve().parents[2] / "shared" / "models" / "tinystories-260k"
+SUBJECTS = ("The dog", "A little girl", "Tom", "The cat", "Lily", "A big bear", "The old man", "Sue and Ben",
+            "The bird", "A small boy", "Mom", "The fish", "Tim", "The princess")
+OPENINGS = ("{s} went to the park", "Once upon a time, {s}", "{s} was very happy", "One day, {s} saw",
+            "{s} wanted to play", "{s} found a box", "{s} liked to")
+
+
+def story_prompts(n: int) -> list[str]:
+    return [o.format(s=s) for o, s in itertools.islice(itertools.product(OPENINGS, SUBJECTS), n)]
+
+
+def run(model: str, prompts_file: Path | None, n_prompts: int, max_new_tokens: int, out: Path) -> dict:
+    import torch
+
+    from repdiag.cli import main
+
+    torch.set_num_threads(1)
+    args = ["analyze", model, "--out", str(out), "--mitigations", POLICIES, "--n-prompts", str(n_prompts),
+            "--max-new-tokens", str(max_new_tokens), "--no-attribution", "--quiet"]
+    if prompts_file is not None:
+        args += ["--prompts", str(prompts_file)]
+    t0 = time.perf_counter()
+    code = main(args)
+    if code != 0:
+        sys.exit(f"repdiag analyze failed with exit code {code}")
+    report = json.loads((out / "report.json").read_text())
+    report["_seconds"] = time.perf_counter() - t0
+    return report
+
+
+def show(name: str, report: dict) -> None:
+    pred = report["prediction"]
+    print(f"\n== {name}: {len(pred['policies'])} policies, {report['prompts']['n_measure']} measurement prompts, "
+          f"{report['prompts']['n_trace']} trace prompts, {report['settings']['max_new_tokens']} new tokens, "
+          f"{report['_seconds']:.0f} s")
+    for key, block in pred["spearman"].items():
+        print(f"  simulation  {key:10s} Spearman rho = {block['rho']:.3f} (p = {block['p']:.2g}, "
+              f"n = {block['n_policies']}), mean |pred - meas| = {pred['calibration_error'][key]:.3f}")
+    for quantity, blocks in pred["closed_form"].items():
+        parts = [f"{fam}: {b['rho']:.2f} (n={b['n_policies']})" for fam, b in blocks.items() if b["rho"] is not None]
+        print(f"  closed form {quantity:24s} vs rep_w16: " + (", ".join(parts) or "n/a"))
+    print("  policy                    measured rep_w16  predicted rep_w16")
+    for policy in pred["policies"]:
+        print(f"  {policy:26s} {report['measured'][policy]['rep_w16']:16.3f} {report['predicted'][policy]['rep_w16']:18.3f}")
+
+
+def main_cli() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--prompts", type=int, default=100)
+    parser.add_argument("--max-new-tokens", type=int, default=64)
+    parser.add_argument("--model", choices=("default", "tinystories", "both"), default="both")
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        if args.model in ("default", "both"):
+            show("bundled default model", run("default", None, args.prompts, args.max_new_tokens, tmp / "default"))
+        if args.model in ("tinystories", "both"):
+            if not TINYSTORIES.is_dir():
+                print(f"skipping TinyStories: {TINYSTORIES} is absent")
+            else:
+                prompts = tmp / "stories.txt"
+                prompts.write_text("\n".join(story_prompts(args.prompts)) + "\n")
+                show("TinyStories-260k", run(str(TINYSTORIES), prompts, args.prompts, args.max_new_tokens,
+                                             tmp / "tinystories"))
+
+
+if __name__ == "__main__":
+    main_cli()
