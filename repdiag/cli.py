@@ -12,6 +12,7 @@ import sys
 from typing import Annotated, Optional
 
 import typer
+from rich.markup import escape
 
 from . import __version__
 from .commands._common import STATE, stderr
@@ -73,7 +74,7 @@ def main(argv: list[str] | None = None) -> int:
     except typer.Exit as exc:
         return int(exc.exit_code or 0)
     except RepdiagError as exc:
-        stderr.print(f"[bold red]error:[/] {exc.message}", highlight=False, markup=True)
+        stderr.print(f"[bold red]error:[/] {escape(exc.message)}", highlight=False)
         return exc.exit_code
     except KeyboardInterrupt:
         stderr.print("interrupted")
@@ -92,7 +93,7 @@ def main(argv: list[str] | None = None) -> int:
 
             traceback.print_exc()
         stderr.print(
-            f"[bold red]internal error:[/] {type(exc).__name__}: {' '.join(str(exc).split())} "
+            f"[bold red]internal error:[/] {type(exc).__name__}: {escape(' '.join(str(exc).split()))} "
             "(rerun with --debug for the traceback)",
             highlight=False,
         )

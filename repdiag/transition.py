@@ -40,7 +40,6 @@ File format (``.npz``, ``allow_pickle=False``): ``format_version``, ``data``, ``
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import math
 import os
@@ -362,8 +361,7 @@ class TransitionMatrix:
             dense[rows] += np.where(stored, 0.0, share[:, None])
             return dense
         # order >= 2: token space, then map every token to the successor state
-        tok_rows, mask = self._state_token_rows(rows)
-        V = self.vocab_size
+        _, mask = self._state_token_rows(rows)
         mask[:, self.eos_token_id] = True
         free = (~mask).sum(axis=1)
         share = np.where(free > 0, self.residual[rows] / np.maximum(free, 1), 0.0)
@@ -373,7 +371,6 @@ class TransitionMatrix:
                 continue
             succ = self.successor_states(np.full(len(toks), s), toks)
             np.add.at(dense[s], succ, share[m])
-        del V, tok_rows
         return dense
 
     def spec_layout(self, dense: bool | None = None) -> tuple[np.ndarray | sp.csr_matrix, np.ndarray]:

@@ -65,3 +65,34 @@ def test_ci_script_without_baseline_writes_reports_and_exits_0(tmp_path):
     assert proc.returncode == 0, proc.stderr
     assert "no baseline" in proc.stderr
     assert (tmp_path / "out" / "report.html").is_file()
+
+
+@pytest.mark.slow
+def test_ci_script_end_to_end_on_the_bundled_model(tmp_path):
+    """The real script and the real `repdiag analyze` on the bundled model: a baseline under repetition
+    penalty 1.5, then a planted regression (plain greedy in its place) must exit 1, and the same setting
+    again must exit 0."""
+    wrapper = tmp_path / "repdiag"
+    wrapper.write_text(f'#!/usr/bin/env bash\nexec "{sys.executable}" -m repdiag.cli "$@"\n')
+    wrapper.chmod(0o755)
+    baseline = tmp_path / "ci" / "baseline.json"
+    fast = ["--n-prompts", "8", "--max-new-tokens", "24", "--n-trajectories", "16", "--max-probe-rows", "128",
+            "--no-attribution", "--quiet"]
+    env = {k: v for k, v in os.environ.items() if k not in ("GITHUB_STEP_SUMMARY", "GITHUB_ACTIONS")}
+    env.update(REPDIAG=str(wrapper), BASELINE=str(baseline), FAIL_ON="rep_w16:+0.03")
+
+    def run(out: str, mitigation: str, **extra: str) -> subprocess.CompletedProcess:
+        return subprocess.run(["bash", str(SCRIPT), "--mitigations", mitigation, *fast], cwd=tmp_path,
+                              env={**env, "OUT": str(tmp_path / out), **extra}, capture_output=True, text=True,
+                              timeout=600)
+
+    first = run("base", "repetition_penalty_1.5", UPDATE_BASELINE="1")
+    assert first.returncode == 0, first.stderr
+    assert baseline.is_file()
+    same = run("same", "repetition_penalty_1.5")
+    assert same.returncode == 0, same.stderr
+    worse = run("worse", "greedy", POLICY_MAP="repetition_penalty_1.5=greedy")
+    assert worse.returncode == 1, worse.stderr
+    checks = json.loads((tmp_path / "worse" / "compare.json").read_text())
+    assert checks["n_regressions"] >= 1
+    assert (tmp_path / "worse" / "report.html").stat().st_size > 1000

@@ -378,7 +378,9 @@ def path_kernel(model, record: Record, query: Query, *, rule: str = "trapezoid",
             progress(st.step + 1, len(record.steps))
     final_err = float((theta.double() - theta_final).abs().max())
     scale = float(theta_final.abs().max())
-    tol_final = 1e-9 if record.meta["model"].get("dtype") == "float64" and record.theta0_exact else 1e-3
+    # float64 runs replay to round-off (T5: bitwise); HF's causal-LM loss upcasts logits with .float(), i.e. rounds
+    # float64 logits to float32, so those runs replay to ~1e-9 — the measured error is in the diagnostics
+    tol_final = 1e-6 if record.meta["model"].get("dtype") == "float64" and record.theta0_exact else 1e-3
     if verify and final_err > tol_final * scale:
         raise RecordError(f"the replay does not reproduce the model's final weights (max |Δθ| = {final_err:.2e}): "
                           "the record does not describe how this model was trained")
