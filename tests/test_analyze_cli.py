@@ -8,6 +8,7 @@ import time
 import pytest
 
 from repdiag.cli import main
+from repdiag.report import validate_report_dict
 
 from tiny_models import TINYSTORIES, save_tiny
 
@@ -19,6 +20,8 @@ def run_analyze(tmp_path, model: str, *extra: str) -> tuple[int, dict | None]:
     out = tmp_path / "report"
     code = main(["analyze", model, "--out", str(out), *FAST, *extra])
     report = json.loads((out / "report.json").read_text()) if (out / "report.json").exists() else None
+    if report is not None:
+        validate_report_dict(report)  # every report the suite produces passes the JSON Schema
     return code, report
 
 
@@ -105,3 +108,14 @@ def test_unknown_mitigation_exits_2(tmp_path, capsys):
     code = main(["analyze", str(folder), "--out", str(tmp_path / "r"), "--mitigations", "nonsense"])
     assert code == 2
     assert "nonsense" in capsys.readouterr().err
+
+
+def test_baseline_compare_at_the_end(tmp_path):
+    folder = save_tiny("gpt2", tmp_path / "gpt2")
+    code, _ = run_analyze(tmp_path, str(folder))
+    assert code == 0
+    baseline = tmp_path / "baseline.json"
+    baseline.write_bytes((tmp_path / "report" / "report.json").read_bytes())
+    same = main(["analyze", str(folder), "--out", str(tmp_path / "again"), *FAST, "--baseline", str(baseline),
+                 "--fail-on", "rep_w16:+0.01"])
+    assert same == 0
