@@ -50,6 +50,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
 
+from repdiag.prompts import default_model_input
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
@@ -205,22 +207,12 @@ def extract_pairs(stdlib: Path | None = None) -> tuple[list[Pair], dict]:
     return unique, manifest
 
 
-def name_words(name: str) -> str:
-    """``"_BaseV4._ip_int_from_string"`` -> ``"base v 4 ip int from string"`` (qualified name as words)."""
-    name = name.replace(".<locals>.", ".")
-    parts = re.split(r"[._]+", name)
-    words = []
-    for part in parts:
-        words += re.findall(r"[A-Z]+(?![a-z])|[A-Z]?[a-z]+|\d+", part) or ([part] if part else [])
-    return " ".join(w.lower() for w in words)
-
-
 def model_input(pair: Pair | dict, input_format: str = "name+source") -> str:
     """The text the model reads for a pair: ``source``, or its name as words, ": ", then ``source``."""
     name, source = (pair.name, pair.source) if isinstance(pair, Pair) else (pair["name"], pair["source"])
     if input_format == "source":
         return source
-    return f"{name_words(name)}: {source}"
+    return default_model_input(name, source)  # the one definition, shared with `repdiag analyze`
 
 
 def heldout_module(module: str) -> bool:
@@ -376,7 +368,7 @@ def _trainer_class():
 class TrainSettings:
     epochs: float = 3.0
     max_steps: int = -1
-    batch_size: int = 32
+    batch_size: int = 16
     learning_rate: float = 3e-3
     weight_decay: float = 0.01
     warmup: float = 0.06
@@ -532,6 +524,7 @@ def evaluate(model, tokenizer, train_rows, held_rows, held_pairs, train_pairs, m
         "loop_definition": "an n-gram (n <= 4 tokens) repeated >= 3 times back to back in the greedy output "
                            f"(max_new_tokens={max_new_tokens})",
         "distinct_greedy_outputs": len(set(texts)),
+        "greedy_first_words": [[w, c] for w, c in Counter(_first_word(t) for t in texts).most_common(5)],
         "samples": samples,
     }
 
@@ -561,8 +554,8 @@ the demo.
 
 ## Data and licence
 
-* Source: the standard library of the interpreter that ran the training script, CPython
-  {manifest['python_version']} (`{manifest['python_implementation']}`). Skipped: {manifest['skipped']}.
+* Source: the standard library of the interpreter that ran the training script,
+  {manifest['python_implementation']} {manifest['python_version']}. Skipped: {manifest['skipped']}.
 * Pairs: one per function or method with a docstring, `source` = its source without the docstring
   (dedented), `target` = the first sentence of the docstring. {manifest['files_scanned']} files scanned,
   {manifest['files_with_pairs']} with pairs, {manifest['pairs_extracted']} pairs, {manifest['pairs_after_dedup']}
@@ -622,7 +615,10 @@ Measured on {e['heldout_target_tokens']} target tokens of {e['heldout_pairs']} h
 
 * First-word accuracy of greedy output: **{e['first_word_accuracy']:.1%}** (always guessing the most common
   first word, "{e['first_word_baseline']['word']}", scores {e['first_word_baseline']['accuracy']:.1%}).
-* Distinct greedy outputs: {e['distinct_greedy_outputs']} of {e['heldout_pairs']}.
+* Distinct greedy outputs: {e['distinct_greedy_outputs']} of {e['heldout_pairs']}. Most common greedy first words:
+  {', '.join(f'"{w}" {c}' for w, c in e['greedy_first_words'])}. At this training budget the first word is
+  sensible but hardly depends on the input: the model has learnt the style of a docstring's first
+  sentence far better than what a particular function does.
 
 Greedy samples on held-out functions:
 
@@ -692,7 +688,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "the `source` field as is" if args.input_format == "source" else
         "name_words(`name`) + ': ' + `source`, where name_words splits the qualified name at '.', '_' and "
         "case changes and lower-cases the words ('_BaseV4._ip_int_from_string' -> 'base v 4 ip int from string'); "
-        "see model_input() in examples/train_default_model.py") + "; the model's output is the `target` field"
+        "see repdiag.prompts.default_model_input") + "; the model's output is the `target` field"
     manifest["input_format"] = args.input_format
     print(f"data: Python {manifest['python_version']} standard library: {manifest['files_scanned']} files scanned, "
           f"{manifest['files_with_pairs']} with pairs; {manifest['pairs_extracted']} pairs, "

@@ -203,8 +203,12 @@ def _simulate_all(chain: Any, policies: Sequence[Any], lm: Any, measure_prompts:
     from .measure import sentence_end_ids
     from .simulate import is_simulable, simulate_policy
 
-    if lm.kind == "seq2seq":
-        starts = [[lm.decoder_start_token_id]]
+    first_scores = None
+    if lm.kind == "seq2seq":  # each measurement input's own first step, then the chain
+        from .transition import first_step_logits
+
+        first_scores = first_step_logits(lm, measure_prompts.prompts, batch_size=options.batch_size)
+        starts = [[lm.decoder_start_token_id]] * len(first_scores)
     else:
         starts = [lm.tokenizer(p)["input_ids"] for p in measure_prompts.prompts]
     ends, dot = sentence_end_ids(lm.tokenizer)
@@ -214,7 +218,7 @@ def _simulate_all(chain: Any, policies: Sequence[Any], lm: Any, measure_prompts:
     for policy in simulable:
         result = simulate_policy(chain, policy, starts=starts, n_trajectories=options.n_trajectories,
                                  max_new_tokens=options.max_new_tokens, eos_token_id=lm.eos_token_id,
-                                 pad_token_id=lm.pad_token_id, seed=options.seed)
+                                 pad_token_id=lm.pad_token_id, seed=options.seed, first_scores=first_scores)
         scores = metrics_mod.compute_metrics(result.sequences, unit="token", terminated=result.terminated,
                                              sentence_end=ends, dot=dot, per_sequence=True)
         se = scores.pop("stderr")

@@ -15,6 +15,7 @@ import gzip
 import hashlib
 import json
 import math
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -143,8 +144,26 @@ def builtin_prompts() -> PromptSet:
     return PromptSet(BUILTIN_PROMPTS, (None,) * len(BUILTIN_PROMPTS), "builtin")
 
 
+def name_words(name: str) -> str:
+    """A qualified name as lower-case words: ``"_BaseV4._ip_int_from_string"`` → ``"base v 4 ip int from string"``."""
+    name = name.replace(".<locals>.", ".")
+    words: list[str] = []
+    for part in re.split(r"[._]+", name):
+        words += re.findall(r"[A-Z]+(?![a-z])|[A-Z]?[a-z]+|\d+", part) or ([part] if part else [])
+    return " ".join(w.lower() for w in words)
+
+
+def default_model_input(name: str, source: str) -> str:
+    """What the bundled model reads for a function: its name as words, ``": "``, then its source.
+
+    The one definition of the input format, used by ``examples/train_default_model.py`` for training
+    and by ``repdiag analyze`` for the held-out prompts.
+    """
+    return f"{name_words(name)}: {source}"
+
+
 def default_model_prompts(model_dir: Path) -> PromptSet | None:
-    """The bundled default model's held-out inputs (function sources) with their docstrings as references."""
+    """The bundled default model's held-out inputs (:func:`default_model_input`), docstrings as references."""
     heldout = model_dir / "heldout.jsonl.gz"
     if not heldout.is_file():
         return None
@@ -153,7 +172,7 @@ def default_model_prompts(model_dir: Path) -> PromptSet | None:
         for line in handle:
             if line.strip():
                 record = json.loads(line)
-                prompts.append(record["source"])
+                prompts.append(default_model_input(record["name"], record["source"]))
                 references.append(record.get("target"))
     return PromptSet(tuple(prompts), tuple(references), "default-model held-out functions")
 

@@ -72,6 +72,7 @@ def simulate_chain(
     eos_token_id: int,
     pad_token_id: int,
     seed: int,
+    first_scores: np.ndarray | None = None,
 ) -> SimulationResult:
     """Step ``len(starts)`` trajectories of ``chain`` under ``processors`` for ``max_new_tokens`` steps.
 
@@ -81,6 +82,9 @@ def simulate_chain(
     batched generation. Sampling draws from ``softmax(scores)`` with a seeded ``torch.Generator``;
     greedy takes the lowest-index argmax. A finished trajectory emits ``pad_token_id``, as
     ``generate()`` does, and the run stops when every trajectory has emitted ``<eos>``.
+    ``first_scores`` ((vocab,) or (B, vocab)) replaces the chain's row at the first step: an
+    encoder-decoder model's first distribution follows the decoder start token, which is no state of
+    the chain, and depends on the input.
     """
     import torch
 
@@ -112,7 +116,11 @@ def simulate_chain(
         contexts = context[:, max(0, end - order):end]
         if contexts.shape[1] < order:
             contexts = np.concatenate([np.full((batch, order - contexts.shape[1]), -1, np.int64), contexts], axis=1)
-        scores = torch.from_numpy(np.asarray(next_scores(contexts), dtype=np.float32))
+        if step == 0 and first_scores is not None:
+            step_scores = np.broadcast_to(np.asarray(first_scores), (batch, np.shape(first_scores)[-1]))
+        else:
+            step_scores = next_scores(contexts)
+        scores = torch.from_numpy(np.array(step_scores, dtype=np.float32))
         scores = processors(history[:, :end], scores)
         if do_sample:
             probs = torch.softmax(scores, dim=-1)
@@ -153,19 +161,22 @@ def simulate_policy(
     eos_token_id: int,
     pad_token_id: int,
     seed: int,
+    first_scores: np.ndarray | None = None,
     processor_kwargs: dict[str, Any] | None = None,
 ) -> SimulationResult:
     """Simulate ``n_trajectories`` trajectories under ``policy``'s own HF processors (§7.1).
 
-    The starts are cycled so that every start prompt gets ``n_trajectories / len(starts)``
-    trajectories (rounded up for the first ones).
+    The starts (and the rows of a 2-D ``first_scores``) are cycled so that every start prompt gets
+    ``n_trajectories / len(starts)`` trajectories (rounded up for the first ones).
     """
     if not is_simulable(policy):
         raise ValueError(f"policy {policy.name!r} is not a per-step policy and cannot be simulated on a chain")
     if n_trajectories < 1:
         raise ValueError(f"n_trajectories must be >= 1, got {n_trajectories}")
     all_starts = [list(starts[i % len(starts)]) for i in range(n_trajectories)]
+    if first_scores is not None and np.ndim(first_scores) == 2:  # one row per start, cycled like the starts
+        first_scores = np.asarray(first_scores)[np.arange(n_trajectories) % len(first_scores)]
     processors = policy.logits_processors(eos_token_id, **(processor_kwargs or {}))
     return simulate_chain(chain, processors, do_sample=policy.do_sample, starts=all_starts,
                           max_new_tokens=max_new_tokens, eos_token_id=eos_token_id,
-                          pad_token_id=pad_token_id, seed=seed)
+                          pad_token_id=pad_token_id, seed=seed, first_scores=first_scores)

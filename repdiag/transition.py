@@ -69,6 +69,7 @@ __all__ = [
     "build_probe",
     "build_trace",
     "fill_rows",
+    "first_step_logits",
     "load_matrix",
     "prompts_fingerprint",
     "read_prompts",
@@ -133,6 +134,10 @@ class TransitionMatrix:
     visits: np.ndarray | None = None  # (N,) int64 trace steps per state; None for a probe
     per_prompt: list["TransitionMatrix"] | None = None  # probe with several prompts, keep_per_prompt=True
     sequences: list[dict] | None = None  # trace: {"mode", "prompt_index", "tokens"} per decoded prompt (not saved)
+    #: encoder-decoder trace: the mean first-step distribution p(y_1 | [start], x) over the trace prompts and
+    #: its mean log-normaliser; the decoder start token is no real history, so the chain starts here
+    start_row: np.ndarray | None = None
+    start_logit_shift: float | None = None
     _lookup: tuple | None = field(default=None, init=False, repr=False, compare=False)
 
     # ---- basic facts -------------------------------------------------------------------------
@@ -317,6 +322,17 @@ class TransitionMatrix:
             c = np.nan_to_num(self.row_logit_shift[states], nan=0.0)
             out += c[:, None]
         return out
+
+    def start_logits(self) -> np.ndarray | None:
+        """Logit-scale scores of the first decoding step of an encoder-decoder model (``None`` if unknown).
+
+        ``log start_row + start_logit_shift``: what the chain simulator uses for step 1, whose only
+        history is the decoder start token (not a token of the chain).
+        """
+        if self.start_row is None:
+            return None
+        with np.errstate(divide="ignore"):
+            return np.log(self.start_row) + (self.start_logit_shift or 0.0)
 
     def row_for_context(self, tokens: Sequence[int] | np.ndarray) -> ContextRow:
         """One context's state and its stored entries in token space (sorted by token id)."""
@@ -1242,6 +1258,8 @@ def build_trace(
     n_steps_full = 0
     sequences: list[dict] = []
     lse_sums: list[np.ndarray] = [np.zeros(0) for _ in range(order)]  # Σ log-normaliser per slot
+    start_sum = torch.zeros(V, dtype=torch.float64)  # encoder-decoder: Σ first-step distributions
+    start_lse, start_count = 0.0, 0
     tokenized = [_encode(lm, p) if lm.kind == "causal" else (_encode(lm, p) or [eos]) for p in prompts]
     for n, ids in enumerate(tokenized):
         if not ids:
@@ -1272,6 +1290,14 @@ def build_trace(
                     pos = idx_last - (order - 1 - j)
                     okp = pos >= 0
                     ctx[okp, j] = hist[bi[okp], pos[okp]]
+                if lm.kind == "seq2seq":
+                    first = ti == 0
+                    if bool(first.any()):
+                        first_logits = logits[bi[first], 0].to(torch.float64)
+                        first_lse = torch.logsumexp(first_logits, dim=-1, keepdim=True)
+                        start_sum += torch.exp(first_logits - first_lse).sum(dim=0)
+                        start_lse += float(first_lse.sum())
+                        start_count += int(first.sum())
                 ctx_np = ctx.numpy()
                 # a -1 cuts the context: tokens left of it are not history
                 for j in range(order - 2, -1, -1):
@@ -1438,6 +1464,9 @@ def build_trace(
     tm.sequences = sequences
     shift[tm.eos_index] = np.nan
     tm.row_logit_shift = shift
+    if start_count:
+        tm.start_row = (start_sum / start_count).numpy()
+        tm.start_logit_shift = start_lse / start_count
     # ---- coverage and δ̂² --------------------------------------------------------------------
     visited_mask = tm.row_source == ROW_TRACE
     C = tm.csr()
@@ -1545,6 +1574,30 @@ def fill_rows(tm: TransitionMatrix, lm: "LoadedModel", tokens: Sequence[int] | n
     cov["n_missing"] = int((new.row_source == ROW_MISSING).sum())
     new.meta["coverage"] = cov
     return new
+
+
+def first_step_logits(lm: "LoadedModel", prompts: Sequence[str], *, batch_size: int = 16,
+                      max_source_tokens: int = 512) -> np.ndarray:
+    """Raw logits of an encoder-decoder model's first decoding step, ``(len(prompts), vocab)`` float64.
+
+    Step 1 follows only the decoder start token, so its distribution is a function of the input ``x``
+    alone: the chain simulation of a measurement prompt starts from it (spec §7.1, "from the prompts'
+    start states"). One encoder pass and one decoder step per prompt; no output is generated.
+    """
+    import torch
+
+    if lm.kind != "seq2seq":
+        raise UsageError("first_step_logits is for encoder-decoder models; a decoder-only prompt is its own context")
+    rows = []
+    with torch.inference_mode():
+        for lo in range(0, len(prompts), batch_size):
+            enc = lm.tokenizer(list(prompts[lo:lo + batch_size]), return_tensors="pt", padding=True,
+                               truncation=True, max_length=max_source_tokens)
+            start = torch.full((enc["input_ids"].shape[0], 1), lm.decoder_start_token_id, dtype=torch.long)
+            out = lm.model(input_ids=enc["input_ids"].to(lm.device), attention_mask=enc["attention_mask"].to(lm.device),
+                           decoder_input_ids=start.to(lm.device))
+            rows.append(out.logits[:, 0].double().cpu().numpy())
+    return np.concatenate(rows, axis=0)
 
 
 def build_matrix(lm: "LoadedModel", *, mode: str = "trace", prompts: Sequence[str] | None = None,

@@ -66,3 +66,21 @@ def test_builtin_set_and_take():
     assert len(prompts) >= 20
     with pytest.raises(UsageError):
         prompts.take(0)
+
+
+def test_default_model_input_format():
+    from repdiag.prompts import default_model_input, name_words
+
+    assert name_words("_BaseV4._ip_int_from_string") == "base v 4 ip int from string"
+    assert name_words("outer.<locals>.inner") == "outer inner"
+    assert default_model_input("TestCase.doCleanups", "def f(): pass") == "test case do cleanups: def f(): pass"
+
+
+def test_bundled_model_prompts_are_its_heldout_inputs():
+    from repdiag.models import DEFAULT_MODEL_DIR
+    from repdiag.prompts import default_model_prompts
+
+    prompts = default_model_prompts(DEFAULT_MODEL_DIR)
+    assert prompts is not None and len(prompts) > 400
+    assert prompts.has_references
+    assert ": def " in prompts.prompts[0]
