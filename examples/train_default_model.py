@@ -16,6 +16,15 @@ model of the training targets on the very same held-out target tokens.
 
     python examples/train_default_model.py                      # writes repdiag/default_model/
     python examples/train_default_model.py --out /tmp/m --max-steps 200 --threads 1
+    python examples/train_default_model.py --out /tmp/m --no-record   # no training record
+
+``--record`` (on by default) records the training path with ``repdiag.attribution.PathRecorder`` into
+``OUT/record/`` (docs/attribution-format.md): θ0 and two intermediate checkpoints in float16, the step
+schedule (example ids, loss weights, learning rate, clip factor) and the token ids of every training
+example; the recorder changes nothing of the training (same seed, same weights). After training it
+precomputes the projected per-example gradient features of the checkpoint kernel (TracInCP) at θ0, the two
+checkpoints and the final weights into ``OUT/record/features/`` (settings in ``features/settings.json``),
+so that ``repdiag analyze`` attributes a loop of the bundled model to its training pairs in seconds.
 
 Everything random is seeded (``--seed``); with the same thread count and library versions the weights are
 reproducible.  ``train()`` takes extra ``transformers.TrainerCallback`` objects and a data-collator hook so
@@ -65,6 +74,10 @@ HELDOUT_PERCENT = 8          # a module goes to the held-out set when sha256(mod
 SPLIT_RULE = (f"held-out if int(sha256(module name, utf-8).hexdigest()[:8], 16) % 100 < {HELDOUT_PERCENT}, "
               "else train (whole modules on one side)")
 SPECIAL_TOKENS = ["<pad>", "</s>", "<unk>"]   # ids 0, 1, 2
+# the checkpoint-kernel feature cache shipped with the record: parameters, projection, precision
+FEATURE_LAYERS = r"^decoder\.block\.1\.|^decoder\.final_layer_norm"   # the last decoder block (262,656 parameters)
+FEATURE_DIM = 128
+FEATURE_SEED = 0
 _ABBREV = re.compile(r"(?:\b(?:e\.g|i\.e|etc|vs|cf|approx|resp|No|no)\.|\b[A-Za-z]\.)$")
 
 
@@ -534,7 +547,63 @@ def evaluate(model, tokenizer, train_rows, held_rows, held_pairs, train_pairs, m
 # --------------------------------------------------------------------------------------------------
 
 def _dir_size(path: Path) -> int:
-    return sum(p.stat().st_size for p in path.iterdir() if p.is_file())
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+
+
+def precompute_features(model, tokenizer, record_dir: Path, held_rows: list[dict], held_pairs: Sequence[Pair],
+                        input_format: str, max_new_tokens: int) -> dict:
+    """Fill ``record_dir/features`` with the projected training features of the checkpoint kernel.
+
+    Runs one checkpoint-mode attribution (the loop of the first held-out input whose greedy output loops)
+    with ``Projector(FEATURE_DIM, seed=FEATURE_SEED)`` over the ``FEATURE_LAYERS`` parameters; the cache it
+    leaves (one ``[n_examples, dim]`` float16 array per checkpoint, keyed by the checkpoint's weights) is
+    what later queries reuse. Writes ``features/settings.json`` (how to query it) and returns it.
+    """
+    import torch
+
+    from repdiag.attribution import Projector, Query, Record, checkpoint_kernel
+
+    record = Record.load(record_dir)
+    cache_dir = record_dir / "features"
+    if cache_dir.exists():
+        import shutil
+
+        shutil.rmtree(cache_dir)
+    t0 = time.perf_counter()
+    query = None
+    for k, row in enumerate(held_rows[:64]):
+        gen = greedy_outputs(model, tokenizer, [row], max_new_tokens)[0]
+        q = Query.build("seq2seq", row["input_ids"], gen, decoder_start_token_id=0)
+        if query is None or q.loop is not None:
+            query, pick = q, k
+        if q.loop is not None:
+            break
+    projector = Projector(dim=FEATURE_DIM, seed=FEATURE_SEED)
+    measurement = "loop" if query.loop is not None else "sequence"
+    res = checkpoint_kernel(model, record, query, measurement=measurement, backend="auto", dtype="float32",
+                            layers=FEATURE_LAYERS, projector=projector, cache_dir=cache_dir)
+    seconds = time.perf_counter() - t0
+    files = sorted(cache_dir.glob("*.npy"))
+    settings = {
+        "what": "projected per-example gradient features of the training examples at each checkpoint (θ0, the "
+                "intermediate checkpoints, the final weights): repdiag.attribution.cache.FeatureCache entries "
+                "written by checkpoint_kernel(..., projector, cache_dir); query with the same layers and projector",
+        "layers": FEATURE_LAYERS,
+        "projector": projector.spec(),
+        "dtype": "float16",
+        "gradient_dtype": "float32",
+        "points": list(res.checkpoints),
+        "n_examples": record.n_examples,
+        "files": [f.name for f in files],
+        "bytes": sum(f.stat().st_size for f in cache_dir.iterdir() if f.is_file()),
+        "seconds": round(seconds, 1),
+        "example_query": {"heldout_pair": held_pairs[pick].id, "loop": list(query.loop) if query.loop else None,
+                          "measurement": measurement, "delta_m": round(res.delta_m, 4),
+                          "completeness": None if res.completeness is None else round(res.completeness, 4)},
+    }
+    (cache_dir / "settings.json").write_text(json.dumps(settings, indent=1, sort_keys=True) + "\n",
+                                             encoding="utf-8")
+    return settings
 
 
 def write_model_card(out: Path, manifest: dict, metrics: dict, cmd: str) -> None:
@@ -544,6 +613,31 @@ def write_model_card(out: Path, manifest: dict, metrics: dict, cmd: str) -> None
         f"| `{s['id']}` | {s['target'].replace('|', '/')} | {s['greedy'].replace('|', '/') or '(empty)'} |"
         for s in m["eval"]["samples"])
     e = m["eval"]
+    record_section = ""
+    r = m.get("record")
+    if r:
+        f = r["features"]
+        ckpts = ", ".join(str(s) for s, _ in r["checkpoints"])
+        record_section = f"""
+## Training record (attribution)
+
+`record/` is the training path recorded by `repdiag.attribution.PathRecorder` while the model trained
+(format {r['format']}), **{r['bytes'] / 1e6:.2f} MB**: θ0 ({r['theta0_dtype']}), the weights after steps {ckpts}
+(float16), the schedule of all {r['steps']} optimizer steps (example ids, loss weights `{r['weight_model']}`,
+learning rate, clip factor) and the token ids of the {r['n_examples']} training examples, whose pairs are
+`train.jsonl.gz` in order (the model input `name words: source`, and the target). The final weights'
+hash in `record.json` matches `model.safetensors`. AdamW is not replayable exactly, so the record
+supports the checkpoint kernel (TracInCP over θ0, the two checkpoints and the final weights) and the
+tangent kernel.
+
+`record/features/` ({r['features_bytes'] / 1e6:.2f} MB, computed in {f['seconds']:.0f} s after training) caches
+the training examples' loss gradients over the last decoder block (`{f['layers']}`), projected to
+{f['projector']['dim']} dimensions ({f['projector']['kind']}, seed {f['projector']['seed']}) and stored in
+{f['dtype']}, one array per checkpoint (`features/settings.json`). With it, `repdiag analyze` attributes
+the worst loop of this model in checkpoint mode at the cost of a few gradients of the query and lists the
+training pairs that pushed most towards it (an approximation: first-order, learning-rate weighted,
+not Adam-preconditioned, projected; its completeness is reported).
+"""
     card = f"""# repdiag default model: `docstring-t5-tiny`
 
 A small T5 that reads a Python function's source (docstring removed) and writes the first sentence of its
@@ -635,6 +729,7 @@ references trip the same test {e['reference_loops']} times. That is intended: re
 predicts and mitigates exactly this. It is a demonstration model, not a documentation writer: its
 sentences are generic and often wrong about the details.
 
+{record_section}
 The figures above are also in `metrics.json` (machine-readable) and are checked against it by
 `tests/test_default_model.py`.
 """
@@ -661,6 +756,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--input-format", choices=["name+source", "source"], default="name+source",
                     help="what the model reads: the function's qualified name as words, ': ', then its source "
                          "(default), or the source alone")
+    ap.add_argument("--record", action=argparse.BooleanOptionalAction, default=True,
+                    help="record the training path into OUT/record (θ0 and 2 intermediate checkpoints in float16, "
+                         "the step schedule, the examples) and precompute the checkpoint-kernel feature cache in "
+                         "OUT/record/features, so that `repdiag analyze` can attribute loops (default: on; "
+                         "--no-record trains the same weights without it)")
     args = ap.parse_args(argv)
 
     t_start = time.perf_counter()
@@ -716,7 +816,31 @@ def main(argv: Sequence[str] | None = None) -> int:
     # train -----------------------------------------------------------------------------------
     settings = TrainSettings(epochs=args.epochs, max_steps=args.max_steps, batch_size=args.batch_size,
                              learning_rate=args.lr, seed=args.seed)
-    trainer, train_seconds = train(model, tokenizer, train_rows, settings)
+    out: Path = args.out
+    record_dir = out / "record"
+    callbacks: list = []
+    collator = None
+    if record_dir.exists():
+        import shutil
+
+        shutil.rmtree(record_dir)          # an old record would not match the new weights
+    if args.record:
+        from repdiag.attribution import IndexedCollator, PathRecorder, PathRecorderCallback
+
+        out.mkdir(parents=True, exist_ok=True)
+        per_epoch = math.ceil(len(train_rows) / args.batch_size)
+        total_steps = args.max_steps if args.max_steps > 0 else math.ceil(per_epoch * args.epochs)
+        every = total_steps // 3 + 1       # two intermediate checkpoints, never one at the final step
+        recorder = PathRecorder(record_dir, model, kind="seq2seq", pad_token_id=tokenizer.pad_token_id,
+                                n_examples=len(train_rows),
+                                train_pairs=[(model_input(p, args.input_format), p.target) for p in train_pairs],
+                                theta0_dtype="float16", checkpoint_dtype="float16", checkpoint_every=every)
+        callbacks = [PathRecorderCallback(recorder)]
+        collator = IndexedCollator(make_collator(tokenizer.pad_token_id), recorder, id_key="example_ids")
+        print(f"recording the training path into {record_dir} (checkpoints every {every} of {total_steps} steps)",
+              flush=True)
+    trainer, train_seconds = train(model, tokenizer, train_rows, settings, callbacks=callbacks,
+                                   data_collator=collator)
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
     steps = trainer.state.global_step
     print(f"trained {steps} steps in {train_seconds:.0f} s; last logged loss {losses[-1] if losses else None}",
@@ -733,8 +857,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     for s in ev["samples"]:
         print(f"  {s['id']}\n    ref:    {s['target']}\n    greedy: {s['greedy']}", flush=True)
 
+    feature_settings = None
+    if args.record:
+        t_feat = time.perf_counter()
+        feature_settings = precompute_features(model, tokenizer, record_dir, held_rows, held_pairs,
+                                               args.input_format, args.max_new_tokens)
+        print(f"feature cache: {len(feature_settings['files'])} checkpoints x {feature_settings['n_examples']} "
+              f"examples, {feature_settings['bytes'] / 1e6:.2f} MB, {time.perf_counter() - t_feat:.0f} s", flush=True)
+
     # write -----------------------------------------------------------------------------------
-    out: Path = args.out
     out.mkdir(parents=True, exist_ok=True)
     for old in ("model.safetensors", "config.json", "generation_config.json", "tokenizer.json",
                 "tokenizer_config.json", "special_tokens_map.json"):
@@ -786,14 +917,32 @@ def main(argv: Sequence[str] | None = None) -> int:
         "versions": {"python": platform.python_version(), "torch": torch.__version__,
                      "transformers": transformers.__version__, "tokenizers": tokenizers.__version__},
     }
+    if args.record:
+        rmeta = json.loads((record_dir / "record.json").read_text(encoding="utf-8"))
+        metrics["record"] = {
+            "folder": "record",
+            "format": f"{rmeta['format']} v{rmeta['version']} (docs/attribution-format.md)",
+            "theta0_dtype": rmeta["theta0"]["dtype"] if rmeta.get("theta0") else None,
+            "checkpoints": [[c["step"], c["dtype"]] for c in rmeta["checkpoints"]],
+            "steps": rmeta["steps"]["count"],
+            "n_examples": rmeta["n_examples"],
+            "weight_model": rmeta["weight_model"],
+            "final_sha256": rmeta["final"]["sha256"],
+            "train_pairs": "model inputs (model_input(pair)) and targets of train.jsonl.gz, in its order",
+            "features": feature_settings,
+            "bytes": _dir_size(record_dir),
+            "features_bytes": _dir_size(record_dir / "features"),
+        }
     # sizes: the card's size line counts the card itself approximately, so write twice
     for _ in range(2):
         sizes = {p.name: p.stat().st_size for p in sorted(out.iterdir()) if p.is_file()}
+        if record_dir.is_dir():
+            sizes["record/"] = _dir_size(record_dir)
         sizes["total"] = sum(v for k, v in sizes.items() if k != "total")
         metrics["sizes_bytes"] = sizes
         (out / "metrics.json").write_text(json.dumps(metrics, indent=1, sort_keys=True) + "\n", encoding="utf-8")
         write_model_card(out, manifest, metrics, cmd)
-    for p in out.iterdir():
+    for p in out.rglob("*"):
         if p.is_file():
             p.chmod(0o644)                  # save_pretrained may write 0600; the package must be readable
     print(f"wrote {out} ({_dir_size(out) / 1e6:.2f} MB): {', '.join(sorted(p.name for p in out.iterdir()))}")
