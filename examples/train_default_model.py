@@ -580,7 +580,7 @@ def precompute_features(model, tokenizer, record_dir: Path, held_rows: list[dict
             break
     projector = Projector(dim=FEATURE_DIM, seed=FEATURE_SEED)
     measurement = "loop" if query.loop is not None else "sequence"
-    res = checkpoint_kernel(model, record, query, measurement=measurement, backend="auto", dtype="float32",
+    res = checkpoint_kernel(model, record, query, measurement=measurement, backend="loop", dtype="float32",
                             layers=FEATURE_LAYERS, projector=projector, cache_dir=cache_dir)
     seconds = time.perf_counter() - t0
     files = sorted(cache_dir.glob("*.npy"))
@@ -891,6 +891,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                                ("--input-format", args.input_format, "name+source")]:
         if val != default:
             cmd_parts.append(f"{flag} {val:g}" if isinstance(val, float) else f"{flag} {val}")
+    if not args.record:
+        cmd_parts.append("--no-record")
     cmd = " ".join(cmd_parts)
     cpu = platform.processor() or platform.machine()
     try:

@@ -118,7 +118,7 @@ def spearman_block(predicted: dict[str, dict[str, Any]], measured: dict[str, dic
         rho = pval = None
         if len(pairs) >= 3:
             x, y = np.array(pairs, dtype=float).T
-            if np.ptp(x) > 0 and np.ptp(y) > 0:
+            if len(np.unique(x)) > 1 and len(np.unique(y)) > 1:  # ranks; inf (a divergent bound) ranks last
                 result = spearmanr(x, y)
                 rho, pval = float(result.statistic), float(result.pvalue)
         out[key] = {"rho": rho, "p": pval, "n_policies": len(pairs)}
@@ -472,21 +472,57 @@ def _worst_loop(runs: Sequence[Any]) -> tuple[str, int, dict] | None:
 
 
 def _attribute_worst_loop(lm: Any, runs: Sequence[Any], measure_prompts: Any, stages: Stages) -> dict | None:
-    """Kernel attribution (checkpoint mode) of the bundled model's worst loop to its training pairs."""
-    from .attribution import attribute_loop, load_train_pairs
+    """Kernel attribution (checkpoint mode, TracInCP) of the bundled model's worst loop to its training pairs.
+
+    The training pairs are what the model read in training: ``default_model_input(name, source)`` and the
+    target, in ``train.jsonl.gz`` order (the record checks their hashes). The record's precomputed feature
+    cache (``record/features``, its projector and parameter subset in ``settings.json``) makes a query cost
+    only the query's own gradients at each checkpoint. Returns ``result.to_dict(10)`` plus ``policy`` (and
+    each pair's ``id``); ``None`` when no output loops, there is no record, or the record does not fit.
+    """
+    import gzip
+    import json
+    import sys
+
+    from .attribution import attribute_loop
+    from .errors import RecordError
     from .models import DEFAULT_MODEL_DIR
+    from .prompts import default_model_input
 
     record = DEFAULT_MODEL_DIR / "record"
     found = _worst_loop(runs)
-    if found is None or not record.is_dir():
+    if found is None or not (record / "record.json").is_file():
         return None
     policy, index, event = found
     run = next(r for r in runs if r.policy == policy)
     stages.start("attributing the worst loop to training pairs", total=None)
-    result = attribute_loop(lm, load_train_pairs(DEFAULT_MODEL_DIR / "train.jsonl.gz"), record,
-                            measure_prompts.prompts[index], list(run.sequences[index]), mode="checkpoints", top=10)
-    section = result.to_dict()
+    with gzip.open(DEFAULT_MODEL_DIR / "train.jsonl.gz", "rt", encoding="utf-8") as fh:
+        rows = [json.loads(line) for line in fh if line.strip()]
+    pairs = [(default_model_input(r["name"], r["source"]), r["target"]) for r in rows]
+    kwargs: dict[str, Any] = {}
+    settings_path = record / "features" / "settings.json"
+    if settings_path.is_file():  # the shipped cache: same projector and parameters, or it is not hit
+        from .attribution import Projector
+
+        fs = json.loads(settings_path.read_text(encoding="utf-8"))
+        pj = fs["projector"]
+        kwargs = {"projector": Projector(dim=int(pj["dim"]), kind=pj["kind"], seed=int(pj["seed"]),
+                                         block=int(pj["block"])),
+                  "cache_dir": record / "features", "layers": fs.get("layers"),
+                  "dtype": fs.get("gradient_dtype", "float32")}
+    try:
+        result = attribute_loop(lm, pairs, record, measure_prompts.prompts[index], list(run.sequences[index]),
+                                mode="checkpoints", top=10, backend="loop", **kwargs)
+    except RecordError as exc:
+        sys.stderr.write(f"repdiag: attribution skipped: {exc}\n")
+        return None
+    section = result.to_dict(10)
+    for entry in [*section.get("top", []), *section.get("opponents", [])]:
+        i = entry.get("index")
+        if isinstance(i, int) and 0 <= i < len(rows) and isinstance(entry.get("pair"), dict):
+            entry["pair"]["id"] = rows[i]["id"]
     section["policy"] = policy
+    section["prompt_index"] = index
     return section
 
 

@@ -119,3 +119,34 @@ def test_baseline_compare_at_the_end(tmp_path):
     same = main(["analyze", str(folder), "--out", str(tmp_path / "again"), *FAST, "--baseline", str(baseline),
                  "--fail-on", "rep_w16:+0.01"])
     assert same == 0
+
+
+@pytest.mark.parametrize("mitigations, needle", [
+    ("temperature=-1,do_sample=true", "temperature"),
+    ("top_p=1.5,do_sample=true", "top_p"),
+])
+def test_parameter_out_of_range_exits_2(tmp_path, capsys, mitigations, needle):
+    folder = save_tiny("t5", tmp_path / "t5")
+    code = main(["analyze", str(folder), "--out", str(tmp_path / "r"), "--mitigations", mitigations])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert needle in err and len(err.strip().splitlines()) == 1
+
+
+def test_empty_prompts_file_exits_2(tmp_path, capsys):
+    folder = save_tiny("t5", tmp_path / "t5")
+    prompts = tmp_path / "empty.txt"
+    prompts.write_text("\n")
+    assert main(["analyze", str(folder), "--out", str(tmp_path / "r"), "--prompts", str(prompts)]) == 2
+    assert "no prompt" in capsys.readouterr().err
+
+
+def test_all_mitigations(tmp_path):
+    folder = save_tiny("gpt2", tmp_path / "gpt2")
+    out = tmp_path / "all"
+    args = [a for a in FAST if a not in ("--mitigations", "greedy,temperature_0.7,repetition_penalty_1.2,no_repeat_ngram_3")]
+    assert main(["analyze", str(folder), "--out", str(out), *args, "--mitigations", "all"]) == 0
+    report = json.loads((out / "report.json").read_text())
+    assert {"greedy", "beam4", "contrastive", "top_k_10", "eos_boost"} <= set(report["measured"])
+    assert "rebalanced_encoding" not in report["measured"]  # prediction only: no generate() run
+    assert {"beam4", "contrastive"} <= set(report["prediction"]["not_simulated"])

@@ -112,5 +112,79 @@ def test_model_card_states_the_recorded_figures():
     ]
     missing = [s for s in expected if s not in card]
     assert not missing, f"model card does not state: {missing}"
-    total = sum(p.stat().st_size for p in FOLDER.iterdir() if p.is_file())
+    total = sum(p.stat().st_size for p in FOLDER.rglob("*") if p.is_file())
     assert abs(total - metrics["sizes_bytes"]["total"]) < 0.05 * total
+    rec = metrics.get("record")
+    if rec:
+        assert f"{rec['bytes'] / 1e6:.2f} MB" in card and "record/features/" in card
+
+
+# --------------------------------------------------------------------------------------------------
+# the training record shipped with the model (repdiag analyze attributes loops with it)
+# --------------------------------------------------------------------------------------------------
+
+RECORD = FOLDER / "record"
+
+
+def _train_model_inputs() -> list[tuple[str, str]]:
+    from repdiag.prompts import default_model_input
+
+    return [(default_model_input(r["name"], r["source"]), r["target"]) for r in _pairs("train.jsonl.gz")]
+
+
+def test_record_matches_the_shipped_model(loaded):
+    from repdiag.attribution import Record, TrainPair
+    from repdiag.attribution.api import check_train_pairs
+
+    model, _ = loaded
+    record = Record.load(RECORD)
+    assert record.kind == "seq2seq" and record.n_examples == len(_pairs("train.jsonl.gz"))
+    record.check_model(model)
+    assert record.check_final(model), "record.json's final hash is not the shipped model.safetensors"
+    assert record.meta["final"]["sha256"] == _json("metrics.json")["record"]["final_sha256"]
+    # the pairs it was trained on (model inputs and targets), in train.jsonl.gz order
+    check_train_pairs(record, [TrainPair(*p) for p in _train_model_inputs()])
+    assert record.has_theta0 and record.meta["theta0"]["dtype"] == "float16"
+    steps = [c["step"] for c in record.checkpoints]
+    assert len(steps) == 2 and 0 < steps[0] < steps[1] < len(record.steps)
+    assert all((RECORD / c["file"]).is_file() for c in record.checkpoints)
+    fs = json.loads((RECORD / "features" / "settings.json").read_text(encoding="utf-8"))
+    assert fs["points"] == [0, *steps, len(record.steps)]
+    assert all((RECORD / "features" / f).is_file() for f in fs["files"]) and len(fs["files"]) == 4
+
+
+def test_checkpoint_attribution_of_a_heldout_loop():
+    import math
+
+    import torch
+
+    from repdiag.attribution import Projector, attribute_loop, find_loop
+    from repdiag.models import load_model
+    from repdiag.prompts import default_model_prompts
+
+    lm = load_model("default")
+    prompts = default_model_prompts(FOLDER).prompts
+    found = None
+    for prompt in prompts[:40]:
+        enc = lm.tokenizer(prompt, return_tensors="pt")
+        with torch.no_grad():
+            gen = lm.model.generate(**enc, max_new_tokens=48, do_sample=False, num_beams=1)[0].tolist()
+        loop = find_loop(gen[1:])
+        if loop is not None and loop[0] + 2 * loop[1] <= len(gen) - 1:
+            found = (prompt, gen)
+            break
+    assert found is not None, "no held-out input of the first 40 loops under greedy decoding"
+    fs = json.loads((RECORD / "features" / "settings.json").read_text(encoding="utf-8"))
+    pj = fs["projector"]
+    res = attribute_loop(lm, _train_model_inputs(), RECORD, found[0], found[1], mode="checkpoints", top=10,
+                         backend="loop", layers=fs["layers"], dtype=fs["gradient_dtype"], cache_dir=RECORD / "features",
+                         projector=Projector(dim=pj["dim"], kind=pj["kind"], seed=pj["seed"], block=pj["block"]),
+                         notify=None)
+    d = res.to_dict(10)
+    assert d["mode"] == "checkpoints" and d["measurement"] == "loop"
+    assert len(d["top"]) == 10 and math.isfinite(d["delta_m"]) and math.isfinite(d["completeness_residual"])
+    for e in d["top"]:
+        assert math.isfinite(e["contribution"]) and e["pair"]["target"]
+    assert d["top"][0]["contribution"] > 0
+    # the shipped cache was hit: no new feature file appeared
+    assert sorted(p.name for p in (RECORD / "features").glob("*.npy")) == sorted(fs["files"])
