@@ -621,8 +621,8 @@ def write_model_card(out: Path, manifest: dict, metrics: dict, cmd: str) -> None
         record_section = f"""
 ## Training record (attribution)
 
-`record/` is the training path recorded by `repdiag.attribution.PathRecorder` while the model trained
-(format {r['format']}), **{r['bytes'] / 1e6:.2f} MB**: θ0 ({r['theta0_dtype']}), the weights after steps {ckpts}
+`record/` is the training path recorded by `repdiag.attribution.PathRecorder` while the model trained,
+in the format {r['format']}, **{r['bytes'] / 1e6:.2f} MB**: θ0 ({r['theta0_dtype']}), the weights after steps {ckpts}
 (float16), the schedule of all {r['steps']} optimizer steps (example ids, loss weights `{r['weight_model']}`,
 learning rate, clip factor) and the token ids of the {r['n_examples']} training examples, whose pairs are
 `train.jsonl.gz` in order (the model input `name words: source`, and the target). The final weights'

@@ -25,7 +25,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from .decoding import Policy
     from .models import LoadedModel
 
-__all__ = ["PolicyMeasurement", "generation_config_for", "generate_for_policy", "measure_policies",
+__all__ = ["PolicyMeasurement", "generation_config_for", "generate_for_policy", "generate_batch", "measure_policies",
            "sentence_end_ids", "mean_logprobs"]
 
 #: generation-config fields that describe the model's tokens, not its decoding policy; kept from the
@@ -137,42 +137,65 @@ def generate_for_policy(
     max_source_tokens: int = 512,
     monitor_factory: Callable[[], Any] | None = None,
     on_batch: Callable[[int], None] | None = None,
+    executor: Any = None,
 ) -> tuple[list[tuple[int, ...]], list[bool], list[dict | None]]:
     """Generate for ``prompts`` under ``policy``; returns (sequences, terminated, loop events).
 
     Batches are seeded with ``seed + batch index`` (``torch.manual_seed``) so a run is repeatable.
     With ``monitor_factory`` a fresh monitor (``logits_processor`` and ``stopping_criteria``) watches
-    each batch and its per-sequence loop events are returned.
+    each batch and its per-sequence loop events are returned. ``executor`` (a
+    :class:`repdiag.executors.Executor`, e.g. Ray): the batches run there by :func:`generate_batch`
+    (same batches, same seeds) and are merged by batch index, so the outputs are the same.
     """
+    n_batches = -(-len(prompts) // batch_size)
+    kw = dict(max_new_tokens=max_new_tokens, seed=seed, batch_size=batch_size, max_source_tokens=max_source_tokens,
+              monitor_factory=monitor_factory)
+    if executor is not None:
+        parts = executor.generate_batches(lm, policy, list(prompts), list(range(n_batches)), kw, progress=on_batch)
+    else:
+        parts = {}
+        for b in range(n_batches):
+            parts[b] = generate_batch(lm, policy, prompts, b, **kw)
+            if on_batch is not None:
+                on_batch(len(parts[b][0]))
+    sequences: list[tuple[int, ...]] = []
+    terminated: list[bool] = []
+    events: list[dict | None] = []
+    for b in range(n_batches):
+        seqs, term, ev = parts[b]
+        sequences += seqs
+        terminated += term
+        events += ev
+    return sequences, terminated, events
+
+
+def generate_batch(lm: "LoadedModel", policy: "Policy", prompts: Sequence[str], b: int, *, max_new_tokens: int,
+                   seed: int, batch_size: int = 16, max_source_tokens: int = 512,
+                   monitor_factory: Callable[[], Any] | None = None,
+                   ) -> tuple[list[tuple[int, ...]], list[bool], list[dict | None]]:
+    """Batch ``b`` (prompts ``b*batch_size ...``) of :func:`generate_for_policy`, seeded ``seed + b``."""
     import torch
 
     with _quiet_transformers():
         config, call_kwargs = generation_config_for(lm, policy, max_new_tokens)
-    sequences: list[tuple[int, ...]] = []
-    terminated: list[bool] = []
-    events: list[dict | None] = []
-    for b, start in enumerate(range(0, len(prompts), batch_size)):
-        batch = list(prompts[start:start + batch_size])
-        enc = lm.tokenizer(batch, return_tensors="pt", padding=True, truncation=True, max_length=max_source_tokens)
-        enc = {k: v.to(lm.device) for k, v in enc.items() if k in ("input_ids", "attention_mask")}
-        extra: dict[str, Any] = dict(call_kwargs)
-        monitor = monitor_factory() if monitor_factory is not None else None
-        if monitor is not None:  # appended after the policy's processors: it sees the final distribution
-            extra["logits_processor"] = [*extra.get("logits_processor", []), monitor]
-            extra["stopping_criteria"] = [monitor]
-        torch.manual_seed(seed + b)
-        with torch.inference_mode(), _quiet_transformers():
-            out = lm.model.generate(**enc, generation_config=config, **extra)
-        seqs, term = _split_generated(lm, out.cpu(), enc["input_ids"].shape[1])
-        sequences += seqs
-        terminated += term
-        if monitor is not None:
-            events += [loop.to_dict() if loop is not None else None for loop in monitor.report(out).loops]
-        else:
-            events += [None] * len(seqs)
-        if on_batch is not None:
-            on_batch(len(batch))
-    return sequences, terminated, events
+    start = b * batch_size
+    batch = list(prompts[start:start + batch_size])
+    enc = lm.tokenizer(batch, return_tensors="pt", padding=True, truncation=True, max_length=max_source_tokens)
+    enc = {k: v.to(lm.device) for k, v in enc.items() if k in ("input_ids", "attention_mask")}
+    extra: dict[str, Any] = dict(call_kwargs)
+    monitor = monitor_factory() if monitor_factory is not None else None
+    if monitor is not None:  # appended after the policy's processors: it sees the final distribution
+        extra["logits_processor"] = [*extra.get("logits_processor", []), monitor]
+        extra["stopping_criteria"] = [monitor]
+    torch.manual_seed(seed + b)
+    with torch.inference_mode(), _quiet_transformers():
+        out = lm.model.generate(**enc, generation_config=config, **extra)
+    seqs, term = _split_generated(lm, out.cpu(), enc["input_ids"].shape[1])
+    if monitor is not None:
+        events = [loop.to_dict() if loop is not None else None for loop in monitor.report(out).loops]
+    else:
+        events = [None] * len(seqs)
+    return seqs, term, events
 
 
 def mean_logprobs(
@@ -256,8 +279,11 @@ def measure_policies(
     batch_size: int = 16,
     monitor_factory: Callable[[], Any] | None = None,
     on_batch: Callable[[int], None] | None = None,
+    executor: Any = None,
 ) -> list[PolicyMeasurement]:
-    """Generate under each policy over ``prompts`` and score the outputs (metrics, stderr, quality)."""
+    """Generate under each policy over ``prompts`` and score the outputs (metrics, stderr, quality).
+
+    ``executor``: where ``generate()`` runs (see :func:`generate_for_policy`); scoring stays here."""
     references = list(references) if references is not None else [None] * len(prompts)
     ends, dot = sentence_end_ids(lm.tokenizer)
     results = []
@@ -265,7 +291,7 @@ def measure_policies(
         t0 = time.perf_counter()
         sequences, terminated, events = generate_for_policy(
             lm, policy, prompts, max_new_tokens=max_new_tokens, seed=seed, batch_size=batch_size,
-            monitor_factory=monitor_factory, on_batch=on_batch)
+            monitor_factory=monitor_factory, on_batch=on_batch, executor=executor)
         texts = tuple(lm.tokenizer.decode(list(s), skip_special_tokens=True) for s in sequences)
         token_metrics = metrics_mod.compute_metrics(sequences, unit="token", terminated=terminated,
                                                     sentence_end=ends, dot=dot,

@@ -75,6 +75,9 @@ class AnalyzeOptions:
     batch_size: int = 16
     attribute: bool = True
     out: Path = Path("repdiag-report")
+    executor: str = "local"  # where generate() runs for the measurement: local or ray (same outputs)
+    ray_address: str | None = None
+    workers: int | None = None
 
     def __post_init__(self) -> None:
         for name in ("max_new_tokens", "order", "top_k", "n_trajectories", "batch_size", "max_probe_rows",
@@ -377,17 +380,44 @@ def _build_chain(lm: Any, trace_prompts: Any, options: AnalyzeOptions, stages: S
 
 
 def run_analysis(options: AnalyzeOptions, stages: Stages | None = None) -> AnalysisResult:
-    """Run the whole analysis and return the report; nothing is written here (see :func:`write_outputs`)."""
-    from . import __version__
-    from .measure import measure_policies
+    """Run the whole analysis and return the report; nothing is written here (see :func:`write_outputs`).
+
+    With ``options.executor == "ray"`` the measurement's ``generate()`` batches run on Ray actors (same
+    batches and seeds, merged by batch index: the same report); everything else runs here.
+    """
     from .mitigations import resolve_mitigations
-    from .models import load_model
-    from .report import EnvironmentInfo, Report
 
     stages = stages or Stages()
     timings: dict[str, float] = {}
     policies = resolve_mitigations(options.mitigations)
     measurable = [p for p in policies if p.measurable]
+    executor = _executor_for(options)
+    try:
+        return _run_analysis(options, stages, timings, policies, measurable, executor)
+    finally:
+        if executor is not None:
+            executor.close()
+
+
+def _executor_for(options: AnalyzeOptions) -> Any:
+    """None (this process) or the Ray executor of ``--executor ray``; raises MissingExtraError without Ray."""
+    from .executors import get_executor
+
+    if (options.executor or "local").lower() == "local":
+        if options.ray_address is not None or options.workers is not None:
+            raise UsageError("--ray-address and --workers need --executor ray")
+        return None
+    return get_executor(options.executor, options.ray_address, options.workers,
+                        trust_remote_code=options.trust_remote_code)
+
+
+def _run_analysis(options: AnalyzeOptions, stages: Stages, timings: dict[str, float], policies: list,
+                  measurable: list, executor: Any) -> AnalysisResult:
+    from . import __version__
+    from .measure import measure_policies
+    from .models import load_model
+    from .report import EnvironmentInfo, Report
+
     with _timed(timings, "load_model"):
         stages.start("loading the model")
         lm = load_model(options.model, revision=options.revision, device=options.device, dtype=options.dtype,
@@ -403,7 +433,7 @@ def run_analysis(options: AnalyzeOptions, stages: Stages | None = None) -> Analy
         runs = measure_policies(lm, measurable, measure_prompts.prompts, measure_prompts.references,
                                 max_new_tokens=options.max_new_tokens, seed=options.seed,
                                 batch_size=options.batch_size, monitor_factory=_monitor_factory(),
-                                on_batch=stages.advance)
+                                on_batch=stages.advance, executor=executor)
     measured = {r.policy: r.report_metrics() for r in runs}
     measured_se = {r.policy: {k: r.stderr.get(k) for k in PREDICTED_METRICS} for r in runs}
     with _timed(timings, "simulate"):

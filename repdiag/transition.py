@@ -1056,6 +1056,7 @@ def build_probe(
     keep_per_prompt: bool = False,
     storage: str = "auto",
     progress: Callable[[int, int], None] | None = None,
+    executor: Any = None,
 ) -> TransitionMatrix:
     """Order-1 probe: row ``i = p(· | prefix + [i], x)``, averaged over the prompts.
 
@@ -1068,6 +1069,10 @@ def build_probe(
     ``top_k``: entries kept per row (``None``: complete rows for vocabularies ≤ 1024, else 64); the
     ``<eos>`` column is always kept. ``keep_per_prompt`` also returns one matrix per prompt in
     ``per_prompt`` (the main matrix is their mean, labelled so in ``meta["label"]``).
+
+    ``executor`` (a :class:`repdiag.executors.Executor`, e.g. Ray): the rows are probed in shards of
+    whole batches by :func:`probe_shard` and merged by token range; the result is the same bytes as
+    without it (every row is computed in the same batch as here).
     """
     prompts = list(BUILTIN_PROMPTS if prompts is None else prompts)
     if not prompts:
@@ -1076,23 +1081,35 @@ def build_probe(
     K = _resolve_top_k(top_k, V)
     import torch
 
-    with torch.inference_mode():
-        contexts = [_prepare_prompt(lm, p) for p in prompts]
-    ids = _select_rows(lm, contexts, rows)
     st = _one_gram_states(V, 1)
     store = _RowStore(V, V, lm.eos_token_id, K)
     shift = np.full(V, np.nan)
     stores_pp = [_RowStore(V, V, lm.eos_token_id, K) for _ in prompts] if keep_per_prompt and len(prompts) > 1 else None
-    total = len(ids)
-    tick = (lambda n: progress(n, total)) if progress is not None else None
-    for chunk, probs, lse, each in _probe_dense_rows(lm, contexts, ids, batch_size=batch_size,
-                                                    per_prompt=stores_pp is not None, progress=tick, top_k=K):
-        _put_rows(store, chunk, probs, ROW_PROBE)
-        if shift is not None and lse is not None:
-            shift[chunk] = lse
-        if stores_pp is not None:
-            for sp_, pr in zip(stores_pp, each):
-                sp_.put_dense(chunk, pr, ROW_PROBE)
+    if executor is not None:
+        contexts = None
+        if isinstance(rows, (int, np.integer)) and not isinstance(rows, bool):
+            with torch.inference_mode():
+                contexts = [_prepare_prompt(lm, p) for p in prompts]
+        ids = _select_rows(lm, contexts or [], rows)
+        total = len(ids)
+        tick = (lambda n: progress(n, total)) if progress is not None else None
+        shards = executor.probe_shards(lm, prompts, ids, top_k=K, batch_size=batch_size,
+                                       keep_per_prompt=stores_pp is not None, progress=tick)
+        merge_probe_shards(store, shift, stores_pp, shards)
+    else:
+        with torch.inference_mode():
+            contexts = [_prepare_prompt(lm, p) for p in prompts]
+        ids = _select_rows(lm, contexts, rows)
+        total = len(ids)
+        tick = (lambda n: progress(n, total)) if progress is not None else None
+        for chunk, probs, lse, each in _probe_dense_rows(lm, contexts, ids, batch_size=batch_size,
+                                                        per_prompt=stores_pp is not None, progress=tick, top_k=K):
+            _put_rows(store, chunk, probs, ROW_PROBE)
+            if shift is not None and lse is not None:
+                shift[chunk] = lse
+            if stores_pp is not None:
+                for sp_, pr in zip(stores_pp, each):
+                    sp_.put_dense(chunk, pr, ROW_PROBE)
     dense = _want_dense(storage, V, K, V)
     meta = _base_meta(lm, "probe", 1, K, prompts)
     meta["label"] = "probe rows, mean over prompts" if len(prompts) > 1 else "probe rows, one prompt"
@@ -1111,6 +1128,86 @@ def build_probe(
             tm.per_prompt.append(sp_.assemble(TransitionMatrix(np.zeros((0, 0)), np.zeros(V), int(lm.eos_token_id),
                                                                st.copy(), m), dense))
     return tm
+
+
+def probe_shards_of(n_rows: int, batch_size: int, n_shards: int) -> list[tuple[int, int]]:
+    """Split ``n_rows`` probe rows into at most ``n_shards`` contiguous ``(lo, hi)`` ranges.
+
+    Every boundary is a multiple of ``batch_size``, so each row lands in the same decoder batch as in
+    the single-process probe (batch composition can change the floats; this keeps them identical).
+    """
+    n_batches = -(-int(n_rows) // int(batch_size))
+    if n_batches == 0:
+        return []
+    n_shards = max(1, min(int(n_shards), n_batches))
+    per, extra = divmod(n_batches, n_shards)
+    out, b = [], 0
+    for j in range(n_shards):
+        nb = per + (1 if j < extra else 0)
+        out.append((b * batch_size, min((b + nb) * batch_size, n_rows)))
+        b += nb
+    return out
+
+
+def probe_shard(lm: "LoadedModel", prompts: Sequence[str], ids: np.ndarray, *, top_k: int, batch_size: int = 64,
+                keep_per_prompt: bool = False, context_cache: dict | None = None) -> dict[str, Any]:
+    """Probe the rows ``ids`` (one shard of :func:`build_probe`) and return them compactly.
+
+    The shard is processed in batches of ``batch_size`` from its first id, exactly as the
+    single-process loop does; the returned dict holds per-row top-K tokens/probabilities (what
+    ``_RowStore`` keeps), the residuals and the row logit shifts, so no ``(B, V)`` array travels.
+    ``context_cache``: a dict kept by the caller (a worker) that reuses the prompts' prepared KV caches
+    across shards, as the single-process loop reuses them across batches (they are never modified).
+    """
+    import torch
+
+    ids = np.asarray(ids, dtype=np.int64)
+    V = lm.vocab_size
+    store = _RowStore(V, V, lm.eos_token_id, top_k)
+    pp = [_RowStore(V, V, lm.eos_token_id, top_k) for _ in prompts] if keep_per_prompt else None
+    shift = np.full(len(ids), np.nan)
+    pos = 0
+    key = tuple(prompts)
+    with torch.inference_mode():
+        contexts = context_cache.get(key) if context_cache is not None else None
+        if contexts is None:
+            contexts = [_prepare_prompt(lm, p) for p in prompts]
+            if context_cache is not None:
+                context_cache.clear()  # one prompt set at a time: bounded memory
+                context_cache[key] = contexts
+        for chunk, probs, lse, each in _probe_dense_rows(lm, contexts, ids, batch_size=batch_size,
+                                                        per_prompt=pp is not None, progress=None, top_k=top_k):
+            _put_rows(store, chunk, probs, ROW_PROBE)
+            if lse is not None:
+                shift[pos:pos + len(chunk)] = lse
+            if pp is not None:
+                for sp_, pr in zip(pp, each):
+                    sp_.put_dense(chunk, pr, ROW_PROBE)
+            pos += len(chunk)
+
+    def pack(s: _RowStore) -> dict[str, Any]:
+        return {"tokens": [s.tokens[i] for i in ids], "probs": [s.probs[i] for i in ids],
+                "residual": s.residual[ids].copy()}
+
+    return {"ids": ids, "shift": shift, "rows": pack(store), "per_prompt": None if pp is None else [pack(s) for s in pp]}
+
+
+def merge_probe_shards(store: _RowStore, shift: np.ndarray, stores_pp: list[_RowStore] | None,
+                       shards: Sequence[dict[str, Any]]) -> None:
+    """Put the rows of :func:`probe_shard` results into ``store`` (ordered by first id; a row seen twice,
+    e.g. from a retried shard, is written once with the same values)."""
+    for sh in sorted(shards, key=lambda r: (int(r["ids"][0]) if len(r["ids"]) else -1)):
+        ids = np.asarray(sh["ids"], dtype=np.int64)
+        targets = [(store, sh["rows"])]
+        if stores_pp is not None:
+            targets += list(zip(stores_pp, sh["per_prompt"]))
+        for st_, rows in targets:
+            for m, s in enumerate(ids.tolist()):
+                st_.tokens[s], st_.probs[s] = rows["tokens"][m], rows["probs"][m]
+            st_.residual[ids] = rows["residual"]
+            st_.source[ids] = ROW_PROBE
+        if len(ids):
+            shift[ids] = sh["shift"]
 
 
 def _want_dense(storage: str, n_states: int, K: int, V: int) -> bool:

@@ -49,6 +49,12 @@ def analyze(
                                        rich_help_panel="Model")] = "float32",
     trust_remote_code: Annotated[bool, typer.Option("--trust-remote-code", help="Run code shipped with a hub model.",
                                                     rich_help_panel="Model")] = False,
+    executor: Annotated[str, typer.Option("--executor", help="Where generate() runs for the measurement: local "
+                                          "or ray (same report; needs repdiag[ray]).", rich_help_panel="Scale")] = "local",
+    ray_address: Annotated[Optional[str], typer.Option("--ray-address", help="Ray cluster to join; default: start "
+                                                       "a local Ray.", rich_help_panel="Scale")] = None,
+    workers: Annotated[Optional[int], typer.Option("--workers", min=1, help="Ray actors (default: the cluster's CPUs).",
+                                                   rich_help_panel="Scale")] = None,
 ) -> None:
     """Analyse MODEL: transition matrix, repetition bounds, measured mitigations, prediction, report."""
     from ..pipeline import AnalyzeOptions, RichStages, run_analysis, write_outputs, render_summary
@@ -57,7 +63,8 @@ def analyze(
         model=model, revision=revision, device=device, dtype=dtype, trust_remote_code=trust_remote_code,
         prompts=prompts, trace_prompts=trace_prompts, n_prompts=n_prompts, max_new_tokens=max_new_tokens,
         seed=seed, mitigations=mitigations, order=order, top_k=top_k, max_probe_rows=max_probe_rows,
-        bound_states=bound_states, n_trajectories=n_trajectories, batch_size=batch_size, attribute=not no_attribution, out=out)
+        bound_states=bound_states, n_trajectories=n_trajectories, batch_size=batch_size, attribute=not no_attribution, out=out,
+        executor=executor, ray_address=ray_address, workers=workers)
     with RichStages(stderr, disable=STATE.quiet) as stages:
         result = run_analysis(options, stages)
     paths = write_outputs(result, out)

@@ -40,6 +40,9 @@ def register(app: typer.Typer) -> None:
         device: Annotated[str, typer.Option("--device", help="cpu, cuda, mps or auto.")] = "cpu",
         dtype: Annotated[str, typer.Option("--dtype", help="float32, float64, float16, bfloat16 or auto.")] = "float32",
         trust_remote_code: Annotated[bool, typer.Option("--trust-remote-code", help="Run code shipped with a hub model.")] = False,
+        executor: Annotated[str, typer.Option("--executor", help="Probe: local (this process) or ray (actors that each hold the model; same bytes). Needs repdiag[ray].")] = "local",
+        ray_address: Annotated[Optional[str], typer.Option("--ray-address", help="Ray cluster to join (e.g. auto, ray://host:10001); default: start a local Ray.")] = None,
+        workers: Annotated[Optional[int], typer.Option("--workers", min=1, help="Ray actors (default: the cluster's CPUs).")] = None,
     ) -> None:
         """Build the transition matrix of MODEL and write it as .npz."""
         from ..errors import UsageError
@@ -50,19 +53,25 @@ def register(app: typer.Typer) -> None:
         if mode is Mode.probe and order not in (None, 1):
             raise UsageError("--mode probe builds order-1 rows: use --mode trace for --order ≥ 2")
         modes = [m.strip() for m in trace_modes.split(",") if m.strip()]
-        lm = load_model(model, revision=revision, device=device, dtype=dtype, trust_remote_code=trust_remote_code)
-        with progress_bar() as bar:
-            task = bar.add_task(f"{mode.value} rows", total=None)
+        ex = _make_executor(executor, ray_address, workers, mode, trust_remote_code)
+        try:
+            lm = load_model(model, revision=revision, device=device, dtype=dtype, trust_remote_code=trust_remote_code)
+            with progress_bar() as bar:
+                task = bar.add_task(f"{mode.value} rows", total=None)
 
-            def tick(n: int, total: int) -> None:
-                bar.update(task, advance=n, total=total)
+                def tick(n: int, total: int) -> None:
+                    bar.update(task, advance=n, total=total)
 
-            if mode is Mode.probe:
-                tm = build_probe(lm, prompt_list, top_k=top_k or None, batch_size=batch_size, progress=tick)
-            else:
-                tm = build_trace(lm, prompt_list, order=order or 2, top_k=top_k or None, modes=modes,
-                                 max_new_tokens=max_new_tokens, seed=seed, max_probe_rows=max_probe_rows,
-                                 progress=tick)
+                if mode is Mode.probe:
+                    tm = build_probe(lm, prompt_list, top_k=top_k or None, batch_size=batch_size, progress=tick,
+                                     executor=ex)
+                else:
+                    tm = build_trace(lm, prompt_list, order=order or 2, top_k=top_k or None, modes=modes,
+                                     max_new_tokens=max_new_tokens, seed=seed, max_probe_rows=max_probe_rows,
+                                     progress=tick)
+        finally:
+            if ex is not None:
+                ex.close()
         tm.save(output)
         cov = tm.meta.get("coverage", {})
         stderr.print(
@@ -117,6 +126,23 @@ def register(app: typer.Typer) -> None:
         stdout.print(table)
 
     app.add_typer(sub, name="matrix")
+
+
+def _make_executor(name: str, address: Optional[str], workers: Optional[int], mode: Mode, trust_remote_code: bool) -> Any:
+    """None for the plain local path; a RayExecutor for ``--executor ray`` (probe mode only, for now)."""
+    from ..errors import UsageError
+    from ..executors import EXECUTORS, get_executor
+
+    name = name.lower()
+    if name not in EXECUTORS:
+        raise UsageError(f"unknown --executor {name!r}: use local or ray")
+    if name == "local":
+        if address is not None or workers is not None:
+            raise UsageError("--ray-address and --workers need --executor ray")
+        return None
+    if mode is not Mode.probe:
+        raise UsageError("--executor ray distributes the probe for now: use --mode probe (trace runs locally)")
+    return get_executor("ray", address, workers, trust_remote_code=trust_remote_code)
 
 
 def _fmt(v: Any) -> str:
