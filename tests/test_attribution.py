@@ -354,6 +354,10 @@ def test_checkpoint_mode_with_projection_and_cache(t5_run, tmp_path):
     again = checkpoint_kernel(m, rec, q, backend="auto", projector=pr, cache_dir=tmp_path)   # from the cache
     assert np.allclose(again.contributions, first.contributions, rtol=1e-2, atol=1e-3 * np.abs(first.contributions).max())
     assert spearmanr(first.contributions, full.contributions).statistic > 0.8
+    # the batched backend's gradients feed the projector too (they must come back detached)
+    batched = checkpoint_kernel(m, rec, q, backend="vmap", projector=pr)
+    assert np.allclose(batched.contributions, first.contributions, rtol=1e-3,
+                       atol=1e-6 * np.abs(first.contributions).max())
 
 
 def test_attribute_loop_entry_point(t5_run):

@@ -149,7 +149,7 @@ class GradientComputer:
         g = vmap(grad(loss_one), in_dims=(None, 0, 0, 0))(
             params, batch["input_ids"], batch["attention_mask"], batch["labels"]
         )
-        return torch.cat([g[n].reshape(len(examples), -1) for n in self.space.names], dim=1)
+        return torch.cat([g[n].detach().reshape(len(examples), -1) for n in self.space.names], dim=1)
 
     def _self_check(self, examples: Sequence[Example]) -> bool:
         import torch
