@@ -63,7 +63,7 @@ class AnalyzeOptions:
     trust_remote_code: bool = False
     prompts: Path | None = None
     trace_prompts: Path | None = None
-    n_prompts: int | None = 24
+    n_prompts: int | None = 48
     max_new_tokens: int = 48
     seed: int = 0
     mitigations: Sequence[str] | None = None

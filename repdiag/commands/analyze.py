@@ -19,7 +19,7 @@ def analyze(
         "--prompts", help="Prompts file: one prompt a line, or JSONL with 'prompt' (and optional 'reference').")] = None,
     trace_prompts: Annotated[Optional[Path], typer.Option(
         "--trace-prompts", help="Prompts for the transition matrix (overrides the seeded split).")] = None,
-    n_prompts: Annotated[int, typer.Option("--n-prompts", help="Use the first N prompts.")] = 24,
+    n_prompts: Annotated[int, typer.Option("--n-prompts", help="Use the first N prompts (half trace, half measurement).")] = 48,
     max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", help="Tokens generated per prompt.",
                                                 rich_help_panel="Decoding")] = 48,
     mitigations: Annotated[Optional[str], typer.Option(
