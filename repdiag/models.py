@@ -17,6 +17,7 @@ import hashlib
 import json
 import os
 import socket
+import struct
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -250,6 +251,20 @@ def _check_gguf_extra() -> None:
         )
 
 
+def _gguf_model_kwargs() -> dict[str, Any]:
+    """Ask transformers to unpack every quantized GGUF block into the requested dtype.
+
+    Transformers releases with ``GgufConfig`` may otherwise keep the blocks packed (when the
+    ``kernels`` package is installed and the architecture has a packed path); older ones always
+    dequantize, and need nothing.
+    """
+    try:
+        from transformers.utils.quantization_config import GgufConfig
+    except ImportError:  # pragma: no cover - transformers without GgufConfig always dequantizes
+        return {}
+    return {"quantization_config": GgufConfig(dequantize=True)}
+
+
 def load_model(
     name_or_path: str | None = "default",
     *,
@@ -291,19 +306,24 @@ def load_model(
     common: dict[str, Any] = {"trust_remote_code": trust_remote_code, "local_files_only": local_only}
     if revision is not None and gguf_file is None:
         common["revision"] = revision
+    # a damaged .gguf file fails inside the gguf reader's struct/numpy parsing, not with an OSError
+    bad_file: tuple[type[BaseException], ...] = (OSError, ValueError)
     if gguf_file is not None:
         common["gguf_file"] = gguf_file
+        bad_file += (struct.error, KeyError, IndexError, NotImplementedError)
     try:
         config = AutoConfig.from_pretrained(source, **common)
-    except (OSError, ValueError) as exc:
+    except bad_file as exc:
         raise ModelLoadError(f"cannot read the config of {model_id!r}: {_first_line(exc)}") from exc
     kind = _model_kind(config)
     auto = AutoModelForSeq2SeqLM if kind == "seq2seq" else AutoModelForCausalLM
     load_kwargs: dict[str, Any] = {**common, "dtype": torch_dtype}
+    if gguf_file is not None:
+        load_kwargs.update(_gguf_model_kwargs())
     try:
         model = auto.from_pretrained(source, config=config, **load_kwargs)
         tokenizer = AutoTokenizer.from_pretrained(source, **common)
-    except (OSError, ValueError, ImportError) as exc:
+    except (*bad_file, ImportError) as exc:
         raise ModelLoadError(f"cannot load {model_id!r}: {_first_line(exc)}") from exc
     model = model.to(torch_device)
     return wrap_model(model, tokenizer, model_id=model_id, revision=revision)

@@ -510,14 +510,13 @@ def _attribute_worst_loop(lm: Any, runs: Sequence[Any], measure_prompts: Any, st
     only the query's own gradients at each checkpoint. Returns ``result.to_dict(10)`` plus ``policy`` (and
     each pair's ``id``); ``None`` when no output loops, there is no record, or the record does not fit.
     """
-    import gzip
-    import json
     import sys
 
     from .attribution import attribute_loop
+    from .attribution.api import cache_settings
     from .errors import RecordError
     from .models import DEFAULT_MODEL_DIR
-    from .prompts import default_model_input
+    from .prompts import default_model_train_pairs
 
     record = DEFAULT_MODEL_DIR / "record"
     found = _worst_loop(runs)
@@ -526,20 +525,8 @@ def _attribute_worst_loop(lm: Any, runs: Sequence[Any], measure_prompts: Any, st
     policy, index, event = found
     run = next(r for r in runs if r.policy == policy)
     stages.start("attributing the worst loop to training pairs", total=None)
-    with gzip.open(DEFAULT_MODEL_DIR / "train.jsonl.gz", "rt", encoding="utf-8") as fh:
-        rows = [json.loads(line) for line in fh if line.strip()]
-    pairs = [(default_model_input(r["name"], r["source"]), r["target"]) for r in rows]
-    kwargs: dict[str, Any] = {}
-    settings_path = record / "features" / "settings.json"
-    if settings_path.is_file():  # the shipped cache: same projector and parameters, or it is not hit
-        from .attribution import Projector
-
-        fs = json.loads(settings_path.read_text(encoding="utf-8"))
-        pj = fs["projector"]
-        kwargs = {"projector": Projector(dim=int(pj["dim"]), kind=pj["kind"], seed=int(pj["seed"]),
-                                         block=int(pj["block"])),
-                  "cache_dir": record / "features", "layers": fs.get("layers"),
-                  "dtype": fs.get("gradient_dtype", "float32")}
+    pairs = default_model_train_pairs(DEFAULT_MODEL_DIR)
+    kwargs = cache_settings(record)  # the shipped cache: same projector and parameters, or it is not hit
     try:
         result = attribute_loop(lm, pairs, record, measure_prompts.prompts[index], list(run.sequences[index]),
                                 mode="checkpoints", top=10, backend="loop", **kwargs)

@@ -23,7 +23,8 @@ import numpy as np
 
 from .errors import BadInputError, UsageError
 
-__all__ = ["PromptSet", "PromptSplit", "load_prompts", "builtin_prompts", "default_model_prompts", "split_prompts"]
+__all__ = ["PromptSet", "PromptSplit", "load_prompts", "builtin_prompts", "default_model_prompts",
+           "default_model_train_pairs", "default_model_input", "name_words", "split_prompts"]
 
 #: used when neither a prompts file nor the bundled model's held-out inputs apply: short, generic
 #: openings that suit story, translation and summarisation models alike.
@@ -175,6 +176,16 @@ def default_model_prompts(model_dir: Path) -> PromptSet | None:
                 prompts.append(default_model_input(record["name"], record["source"]))
                 references.append(record.get("target"))
     return PromptSet(tuple(prompts), tuple(references), "default-model held-out functions")
+
+
+def default_model_train_pairs(model_dir: Path) -> list[tuple[str, str]]:
+    """The bundled model's training pairs as it read them: (:func:`default_model_input`, target), in file order.
+
+    This is the order the shipped training record indexes (the attribution checks the pairs' hashes).
+    """
+    with gzip.open(model_dir / "train.jsonl.gz", "rt", encoding="utf-8") as handle:
+        rows = [json.loads(line) for line in handle if line.strip()]
+    return [(default_model_input(r["name"], r["source"]), r["target"]) for r in rows]
 
 
 def split_prompts(n: int, seed: int, trace_fraction: float = 0.5) -> PromptSplit:

@@ -188,3 +188,21 @@ def test_checkpoint_attribution_of_a_heldout_loop():
     assert d["top"][0]["contribution"] > 0
     # the shipped cache was hit: no new feature file appeared
     assert sorted(p.name for p in (RECORD / "features").glob("*.npy")) == sorted(fs["files"])
+
+
+def test_cli_attribute_on_the_bundled_model_uses_its_record(capsys):
+    """`repdiag attribute default --query ...`: the shipped pairs, record and feature cache, no --train needed."""
+    import json as _json
+
+    from repdiag.cli import main
+    from repdiag.models import DEFAULT_MODEL_DIR
+    from repdiag.prompts import default_model_prompts
+
+    prompt = default_model_prompts(DEFAULT_MODEL_DIR).prompts[0]
+    code = main(["attribute", "default", "--query", prompt, "--mode", "checkpoints", "--top", "3",
+                 "--format", "json", "--quiet"])
+    assert code == 0
+    out = _json.loads(capsys.readouterr().out)
+    assert out["mode"] == "checkpoints"
+    assert len(out["top"]) == 3
+    assert all(isinstance(row["contribution"], float) for row in out["top"])

@@ -12,6 +12,8 @@ mode that the record cannot support raises :class:`~repdiag.errors.RecordError`.
 
 from __future__ import annotations
 
+import json
+
 import sys
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -212,4 +214,23 @@ def attribute_loop(loaded_model, train_pairs, record_dir, prompt: str, generated
     return res
 
 
-__all__ += ["MEASUREMENTS", "Example"]
+def cache_settings(record_dir: str | Path) -> dict[str, Any]:
+    """Keyword arguments that make a query hit a record's precomputed feature cache, or ``{}``.
+
+    ``record/features/settings.json`` (written with the cache, e.g. by ``examples/train_default_model.py``)
+    names the projector, the parameter subset and the gradient precision the cache was built with; a
+    query must use the same ones, else it recomputes every training gradient.
+    """
+    from .projection import Projector
+
+    settings_path = Path(record_dir) / "features" / "settings.json"
+    if not settings_path.is_file():
+        return {}
+    fs = json.loads(settings_path.read_text(encoding="utf-8"))
+    pj = fs["projector"]
+    return {"projector": Projector(dim=int(pj["dim"]), kind=pj["kind"], seed=int(pj["seed"]), block=int(pj["block"])),
+            "cache_dir": Path(record_dir) / "features", "layers": fs.get("layers"),
+            "dtype": fs.get("gradient_dtype", "float32")}
+
+
+__all__ += ["MEASUREMENTS", "Example", "cache_settings"]

@@ -66,7 +66,14 @@ def read_pairs(path: str | Path) -> list[TrainPair]:
     if not path.is_file():
         raise BadInputError(f"training file {str(path)!r} does not exist: check the --train path")
     pairs: list[TrainPair] = []
-    text = path.read_text(encoding="utf-8")
+    if path.suffix.lower() == ".gz":
+        import gzip
+
+        with gzip.open(path, "rt", encoding="utf-8") as handle:
+            text = handle.read()
+        path = path.with_suffix("")  # the format is that of the inner file (.jsonl / .tsv)
+    else:
+        text = path.read_text(encoding="utf-8")
     if path.suffix.lower() in (".tsv", ".txt"):
         for k, line in enumerate(text.splitlines(), 1):
             if not line.strip():

@@ -59,10 +59,12 @@ def register(app: typer.Typer) -> None:
     @app.command("attribute")
     def attribute_cmd(
         model: Annotated[str, typer.Argument(help="Hub id, local folder, or 'default'.")],
-        train: Annotated[Path, typer.Option("--train", help="Training pairs (JSONL source/target or TSV), in the "
-                                                            "order the record indexes them.")],
-        record: Annotated[Optional[Path], typer.Option("--record", help="Training record folder (PathRecorder).")]
-        = None,
+        train: Annotated[Optional[Path], typer.Option(
+            "--train", help="Training pairs (JSONL source/target, .gz allowed, or TSV), in the order the record "
+                            "indexes them. Default for the bundled model: its own training pairs.")] = None,
+        record: Annotated[Optional[Path], typer.Option(
+            "--record", help="Training record folder (PathRecorder). Default for the bundled model: its "
+                             "shipped record.")] = None,
         query: Annotated[Optional[str], typer.Option("--query", help="Prompt; the output is its greedy "
                                                                      "continuation (or --generated).")] = None,
         from_report: Annotated[Optional[Path], typer.Option("--from-report", help="Take the query from a "
@@ -98,7 +100,22 @@ def register(app: typer.Typer) -> None:
             raise UsageError("pass exactly one of --query TEXT or --from-report report.json")
         if mode not in MODES:
             raise UsageError(f"unknown --mode {mode!r}; choose from {', '.join(MODES)}")
-        pairs = read_pairs(train)
+        extra: dict = {}
+        if model in ("default", "") and train is None:  # the bundled model ships its pairs, record and cache
+            from ..attribution.api import cache_settings
+            from ..models import DEFAULT_MODEL_DIR
+            from ..prompts import default_model_train_pairs
+
+            pairs = default_model_train_pairs(DEFAULT_MODEL_DIR)
+            record = record or DEFAULT_MODEL_DIR / "record"
+            if mode in ("auto", "checkpoints") and layers is None:
+                extra = cache_settings(record)
+                layers = extra.pop("layers", None)
+        elif train is None:
+            raise UsageError("pass --train PAIRS (the training pairs in record order) for a model other than "
+                             "the bundled one")
+        else:
+            pairs = read_pairs(train)
         rec = Record.load(record) if record is not None else None
         # load in the record's training precision so that the replay can reproduce the final weights
         dtype = (rec.meta.get("model") or {}).get("dtype", "float32") if rec is not None else "float32"
@@ -130,7 +147,7 @@ def register(app: typer.Typer) -> None:
 
         res = attribute(lm.model, q, record=rec, train=pairs, tokenizer=lm.tokenizer, mode=mode,
                         measurement=measurement, backend=backend, layers=layers, eos_token_id=lm.eos_token_id,
-                        pad_token_id=lm.pad_token_id, notify=note)
+                        pad_token_id=lm.pad_token_id, notify=note, **extra)
         if dump is not None:
             from ..attribution.dump import write_dump
 
