@@ -134,7 +134,7 @@ def generate_for_policy(
     max_new_tokens: int,
     seed: int,
     batch_size: int = 16,
-    max_source_tokens: int = 512,
+    max_source_tokens: int | None = None,
     monitor_factory: Callable[[], Any] | None = None,
     on_batch: Callable[[int], None] | None = None,
     executor: Any = None,
@@ -170,7 +170,7 @@ def generate_for_policy(
 
 
 def generate_batch(lm: "LoadedModel", policy: "Policy", prompts: Sequence[str], b: int, *, max_new_tokens: int,
-                   seed: int, batch_size: int = 16, max_source_tokens: int = 512,
+                   seed: int, batch_size: int = 16, max_source_tokens: int | None = None,
                    monitor_factory: Callable[[], Any] | None = None,
                    ) -> tuple[list[tuple[int, ...]], list[bool], list[dict | None]]:
     """Batch ``b`` (prompts ``b*batch_size ...``) of :func:`generate_for_policy`, seeded ``seed + b``."""
@@ -180,7 +180,8 @@ def generate_batch(lm: "LoadedModel", policy: "Policy", prompts: Sequence[str], 
         config, call_kwargs = generation_config_for(lm, policy, max_new_tokens)
     start = b * batch_size
     batch = list(prompts[start:start + batch_size])
-    enc = lm.tokenizer(batch, return_tensors="pt", padding=True, truncation=True, max_length=max_source_tokens)
+    enc = lm.tokenizer(batch, return_tensors="pt", padding=True, truncation=True,
+                       max_length=max_source_tokens or lm.max_source_tokens)
     enc = {k: v.to(lm.device) for k, v in enc.items() if k in ("input_ids", "attention_mask")}
     extra: dict[str, Any] = dict(call_kwargs)
     monitor = monitor_factory() if monitor_factory is not None else None
@@ -205,7 +206,7 @@ def mean_logprobs(
     terminated: Sequence[bool],
     *,
     batch_size: int = 16,
-    max_source_tokens: int = 512,
+    max_source_tokens: int | None = None,
 ) -> np.ndarray:
     """Mean teacher-forced log-probability per output token under the (unmitigated) model.
 
@@ -225,7 +226,7 @@ def mean_logprobs(
             if t:
                 labels[r, :len(t)] = torch.as_tensor(t)
         enc = lm.tokenizer([prompts[i] for i in idx], return_tensors="pt", padding=True, truncation=True,
-                           max_length=max_source_tokens)
+                           max_length=max_source_tokens or lm.max_source_tokens)
         with torch.inference_mode():
             if lm.kind == "seq2seq":
                 decoder_in = torch.full_like(labels, lm.pad_token_id)

@@ -66,6 +66,12 @@ class LoadedModel:
     tokenizer_fingerprint: str
 
     @property
+    def max_source_tokens(self) -> int:
+        """Longest input the tokenizer declares (``model_max_length``; 512 when it declares none)."""
+        declared = getattr(self.tokenizer, "model_max_length", None)
+        return int(declared) if isinstance(declared, int) and 0 < declared < 1_000_000 else 512
+
+    @property
     def is_seq2seq(self) -> bool:
         return self.kind == "seq2seq"
 

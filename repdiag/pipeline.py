@@ -213,7 +213,7 @@ def _simulate_all(chain: Any, policies: Sequence[Any], lm: Any, measure_prompts:
         first_scores = first_step_logits(lm, measure_prompts.prompts, batch_size=options.batch_size)
         starts = [[lm.decoder_start_token_id]] * len(first_scores)
     else:
-        starts = [lm.tokenizer(p)["input_ids"] for p in measure_prompts.prompts]
+        starts = [lm.tokenizer(p, truncation=True, max_length=lm.max_source_tokens)["input_ids"] for p in measure_prompts.prompts]
     ends, dot = sentence_end_ids(lm.tokenizer)
     predicted, stderr = {}, {}
     simulable = [p for p in policies if is_simulable(p)]
@@ -525,7 +525,7 @@ def _attribute_worst_loop(lm: Any, runs: Sequence[Any], measure_prompts: Any, st
     policy, index, event = found
     run = next(r for r in runs if r.policy == policy)
     stages.start("attributing the worst loop to training pairs", total=None)
-    pairs = default_model_train_pairs(DEFAULT_MODEL_DIR)
+    pairs, pair_ids = default_model_train_pairs(DEFAULT_MODEL_DIR)
     kwargs = cache_settings(record)  # the shipped cache: same projector and parameters, or it is not hit
     try:
         result = attribute_loop(lm, pairs, record, measure_prompts.prompts[index], list(run.sequences[index]),
@@ -536,8 +536,8 @@ def _attribute_worst_loop(lm: Any, runs: Sequence[Any], measure_prompts: Any, st
     section = result.to_dict(10)
     for entry in [*section.get("top", []), *section.get("opponents", [])]:
         i = entry.get("index")
-        if isinstance(i, int) and 0 <= i < len(rows) and isinstance(entry.get("pair"), dict):
-            entry["pair"]["id"] = rows[i]["id"]
+        if isinstance(i, int) and 0 <= i < len(pair_ids) and isinstance(entry.get("pair"), dict):
+            entry["pair"]["id"] = pair_ids[i]
     section["policy"] = policy
     section["prompt_index"] = index
     return section

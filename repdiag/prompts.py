@@ -178,14 +178,15 @@ def default_model_prompts(model_dir: Path) -> PromptSet | None:
     return PromptSet(tuple(prompts), tuple(references), "default-model held-out functions")
 
 
-def default_model_train_pairs(model_dir: Path) -> list[tuple[str, str]]:
-    """The bundled model's training pairs as it read them: (:func:`default_model_input`, target), in file order.
+def default_model_train_pairs(model_dir: Path) -> tuple[list[tuple[str, str]], list[str]]:
+    """The bundled model's training pairs as it read them, ``(default_model_input, target)``, and their ids.
 
-    This is the order the shipped training record indexes (the attribution checks the pairs' hashes).
+    In file order: the order the shipped training record indexes (the attribution checks the pairs'
+    hashes). An id is ``module:qualified name:line``.
     """
     with gzip.open(model_dir / "train.jsonl.gz", "rt", encoding="utf-8") as handle:
         rows = [json.loads(line) for line in handle if line.strip()]
-    return [(default_model_input(r["name"], r["source"]), r["target"]) for r in rows]
+    return [(default_model_input(r["name"], r["source"]), r["target"]) for r in rows], [r["id"] for r in rows]
 
 
 def split_prompts(n: int, seed: int, trace_fraction: float = 0.5) -> PromptSplit:

@@ -895,7 +895,7 @@ class _PromptContext:
 
 
 def _encode(lm: "LoadedModel", prompt: str) -> list[int]:
-    ids = lm.tokenizer(prompt, add_special_tokens=True)["input_ids"]
+    ids = lm.tokenizer(prompt, add_special_tokens=True, truncation=True, max_length=lm.max_source_tokens)["input_ids"]
     ids = [int(i) for i in ids]
     if lm.kind == "causal" and not ids:
         bos = lm.tokenizer.bos_token_id
@@ -1674,7 +1674,7 @@ def fill_rows(tm: TransitionMatrix, lm: "LoadedModel", tokens: Sequence[int] | n
 
 
 def first_step_logits(lm: "LoadedModel", prompts: Sequence[str], *, batch_size: int = 16,
-                      max_source_tokens: int = 512) -> np.ndarray:
+                      max_source_tokens: int | None = None) -> np.ndarray:
     """Raw logits of an encoder-decoder model's first decoding step, ``(len(prompts), vocab)`` float64.
 
     Step 1 follows only the decoder start token, so its distribution is a function of the input ``x``
@@ -1689,7 +1689,7 @@ def first_step_logits(lm: "LoadedModel", prompts: Sequence[str], *, batch_size: 
     with torch.inference_mode():
         for lo in range(0, len(prompts), batch_size):
             enc = lm.tokenizer(list(prompts[lo:lo + batch_size]), return_tensors="pt", padding=True,
-                               truncation=True, max_length=max_source_tokens)
+                               truncation=True, max_length=max_source_tokens or lm.max_source_tokens)
             start = torch.full((enc["input_ids"].shape[0], 1), lm.decoder_start_token_id, dtype=torch.long)
             out = lm.model(input_ids=enc["input_ids"].to(lm.device), attention_mask=enc["attention_mask"].to(lm.device),
                            decoder_input_ids=start.to(lm.device))

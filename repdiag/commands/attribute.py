@@ -106,7 +106,7 @@ def register(app: typer.Typer) -> None:
             from ..models import DEFAULT_MODEL_DIR
             from ..prompts import default_model_train_pairs
 
-            pairs = default_model_train_pairs(DEFAULT_MODEL_DIR)
+            pairs, _ids = default_model_train_pairs(DEFAULT_MODEL_DIR)
             record = record or DEFAULT_MODEL_DIR / "record"
             if mode in ("auto", "checkpoints") and layers is None:
                 extra = cache_settings(record)
