@@ -22,6 +22,16 @@ _LAZY = {
     "RepetitionMonitor": "repdiag.hook",
     "watch": "repdiag.hook",
     "RepdiagError": "repdiag.errors",
+    "load_matrix": "repdiag.transition",
+    "build_trace": "repdiag.transition",
+    "build_probe": "repdiag.transition",
+    "get_mitigation": "repdiag.mitigations",
+    "AnalyzeOptions": "repdiag.pipeline",
+    "run_analysis": "repdiag.pipeline",
+    "Report": "repdiag.report",
+    "load_report": "repdiag.report",
+    "compare": "repdiag.report",
+    "attribute_loop": "repdiag.attribution",
 }
 
 __all__ = ["__version__", *_LAZY]

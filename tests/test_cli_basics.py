@@ -80,3 +80,10 @@ def test_ci_keeps_the_pinned_cpu_torch():
     import torch
 
     assert torch.__version__.split("+")[0] == "2.13.0"
+
+
+def test_every_public_name_resolves():
+    import repdiag
+
+    for name in repdiag.__all__:
+        assert getattr(repdiag, name) is not None
