@@ -82,6 +82,13 @@ def _positive(e: Any) -> bool:
     return isinstance(c, (int, float)) and c >= 0
 
 
+def _policy_table(section: Mapping[str, Mapping[str, Any]], keys: Sequence[str], policies: Sequence[str]) -> list[str]:
+    """One row per policy present in ``section``, one column per key (with its better-direction arrow)."""
+    rows = [[_code(p)] + [format_number(section[p].get(k)) if k in section[p] else "—" for k in keys]
+            for p in policies if p in section]
+    return _table(["policy"] + [f"{k}{_arrow(k)}" for k in keys], rows)
+
+
 def _pct(x: Any) -> str:
     return "n/a" if x is None else f"{100 * float(x):.1f} %"
 
@@ -222,12 +229,7 @@ def render_markdown(report: Report, *, max_examples: int = 6, max_cycles: int = 
     if report.bounds and bk:
         out.append("### Repetition bounds of the policy matrices")
         out.append("")
-        rows = [
-            [_code(p)] + [format_number(report.bounds[p].get(k)) if k in report.bounds[p] else "—" for k in bk]
-            for p in policies
-            if p in report.bounds
-        ]
-        out += _table(["policy"] + [f"{k}{_arrow(k)}" for k in bk], rows)
+        out += _policy_table(report.bounds, bk, policies)
         out.append("")
         out.append("`inf`: the expected repetition sum diverges (ρ(Q) = 1): decoding can loop forever.")
         out.append("")
@@ -237,12 +239,7 @@ def render_markdown(report: Report, *, max_examples: int = 6, max_cycles: int = 
     if report.quality and qk:
         out.append("### Quality price")
         out.append("")
-        rows = [
-            [_code(p)] + [format_number(report.quality[p].get(k)) if k in report.quality[p] else "—" for k in qk]
-            for p in policies
-            if p in report.quality
-        ]
-        out += _table(["policy"] + [f"{k}{_arrow(k)}" for k in qk], rows)
+        out += _policy_table(report.quality, qk, policies)
         out.append("")
 
     # ---- loop map --------------------------------------------------------------------------------
