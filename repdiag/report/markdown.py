@@ -216,12 +216,7 @@ def render_markdown(report: Report, *, max_examples: int = 6, max_cycles: int = 
     if policies and sec:
         out.append("### More measured metrics")
         out.append("")
-        rows = [
-            [_code(p)] + [format_number(report.measured.get(p, {}).get(k)) if k in report.measured.get(p, {}) else "—" for k in sec]
-            for p in policies
-            if p in report.measured
-        ]
-        out += _table(["policy"] + [f"{k}{_arrow(k)}" for k in sec], rows)
+        out += _policy_table(report.measured, sec, policies)
         out.append("")
 
     # ---- bounds ----------------------------------------------------------------------------------
