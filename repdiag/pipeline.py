@@ -80,10 +80,11 @@ class AnalyzeOptions:
     workers: int | None = None
 
     def __post_init__(self) -> None:
-        for name in ("max_new_tokens", "order", "top_k", "n_trajectories", "batch_size", "max_probe_rows",
-                     "bound_states"):
+        for name in ("max_new_tokens", "order", "top_k", "n_trajectories", "batch_size", "bound_states"):
             if getattr(self, name) < 1:
                 raise UsageError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
+        if self.max_probe_rows < 0:
+            raise UsageError(f"--max-probe-rows must be at least 0, got {self.max_probe_rows}")
 
 
 @dataclass
@@ -139,7 +140,11 @@ def _calibration(predicted: dict, measured: dict, policies: Sequence[str], keys:
 
 
 class RichStages(Stages):
-    """Stages shown as a rich progress bar on stderr (transient; off with ``--quiet``)."""
+    """Stages shown as a rich progress bar on stderr (transient; off with ``--quiet``).
+
+    When stderr is not a terminal (CI logs, a redirected run) the bar cannot redraw: each stage is
+    printed as one line with the seconds elapsed since the start instead.
+    """
 
     def __init__(self, console: Any, disable: bool = False) -> None:
         from rich.progress import (BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn,
@@ -151,6 +156,8 @@ class RichStages(Stages):
                                  MofNCompleteColumn(), TimeElapsedColumn(), console=console, transient=True,
                                  disable=disable)
         self.task: Any = None
+        self.started = time.perf_counter()
+        self.log_lines = not disable and not console.is_terminal
 
     def __enter__(self) -> "RichStages":
         self.progress.__enter__()
@@ -163,6 +170,8 @@ class RichStages(Stages):
         if self.task is not None:
             self.progress.remove_task(self.task)
         self.task = self.progress.add_task(name, total=total)
+        if self.log_lines:
+            self.console.print(f"[{time.perf_counter() - self.started:7.1f} s] {name}", highlight=False, markup=False)
 
     def advance(self, n: int = 1) -> None:
         if self.task is not None:
@@ -199,12 +208,18 @@ def _load_prompt_sets(options: AnalyzeOptions, lm: Any) -> tuple[Any, Any, dict[
     return prompt_set.subset(split.trace), prompt_set.subset(split.measure), section
 
 
-def _simulate_all(chain: Any, policies: Sequence[Any], lm: Any, measure_prompts: Any, options: AnalyzeOptions,
-                  stages: Stages) -> tuple[dict, dict]:
-    """Chain-simulation predictions (§7.1) of every per-step policy: (means, standard errors)."""
+def _simulate_all(chain: Any, policies: Sequence[Any], lm: Any, trace_prompts: Any, measure_prompts: Any,
+                  options: AnalyzeOptions, stages: Stages, timings: dict[str, float]) -> tuple[dict, dict, Any, dict]:
+    """Chain-simulation predictions (§7.1) of every per-step policy: (means, standard errors, reach, columns).
+
+    The rows the simulations step on that the trace never visited are probed as they are reached
+    (``simulate.simulate_reaching``, at most ``options.max_probe_rows``, conditioned on the first two
+    trace prompts); the returned ``ReachOutcome`` holds the filled chain.
+    """
     from . import metrics as metrics_mod
     from .measure import sentence_end_ids
-    from .simulate import is_simulable, simulate_policy
+    from .simulate import is_simulable, simulate_policy, simulate_reaching, simulation_vocabulary
+    from .transition import fill_rows
 
     first_scores = None
     if lm.kind == "seq2seq":  # each measurement input's own first step, then the chain
@@ -214,14 +229,37 @@ def _simulate_all(chain: Any, policies: Sequence[Any], lm: Any, measure_prompts:
         starts = [[lm.decoder_start_token_id]] * len(first_scores)
     else:
         starts = [lm.tokenizer(p, truncation=True, max_length=lm.max_source_tokens)["input_ids"] for p in measure_prompts.prompts]
+    simulable = [p for p in policies if is_simulable(p)]
+    columns: dict[str, int] = {}
+
+    def run(policy: Any) -> Callable[[Any], Any]:
+        def simulate(view: Any) -> Any:
+            vocabulary = simulation_vocabulary(view, starts, (lm.eos_token_id, lm.pad_token_id))
+            result = simulate_policy(view, policy, starts=starts, n_trajectories=options.n_trajectories,
+                                     max_new_tokens=options.max_new_tokens, eos_token_id=lm.eos_token_id,
+                                     pad_token_id=lm.pad_token_id, seed=options.seed, first_scores=first_scores,
+                                     vocabulary=vocabulary)
+            columns[policy.name] = lm.vocab_size if vocabulary is None else len(vocabulary)
+            stages.advance()
+            return result
+        return simulate
+
+    probe_prompts = list(trace_prompts.prompts[:2])
+
+    def fill(current: Any, tokens: np.ndarray) -> Any:
+        t0 = time.perf_counter()
+        stages.start(f"probing the {len(tokens)} unvisited rows the simulation reached", total=None)
+        filled = fill_rows(current, lm, tokens, probe_prompts, batch_size=64)
+        timings["probe_reached_rows"] = timings.get("probe_reached_rows", 0.0) + time.perf_counter() - t0
+        stages.start("simulating again the policies that reached them", total=None)
+        return filled
+
+    stages.start("simulating the chain under each policy", total=len(simulable))
+    reach = simulate_reaching(chain, {p.name: run(p) for p in simulable}, fill, max_probe_rows=options.max_probe_rows)
     ends, dot = sentence_end_ids(lm.tokenizer)
     predicted, stderr = {}, {}
-    simulable = [p for p in policies if is_simulable(p)]
-    stages.start("simulating the chain under each policy", total=len(simulable))
     for policy in simulable:
-        result = simulate_policy(chain, policy, starts=starts, n_trajectories=options.n_trajectories,
-                                 max_new_tokens=options.max_new_tokens, eos_token_id=lm.eos_token_id,
-                                 pad_token_id=lm.pad_token_id, seed=options.seed, first_scores=first_scores)
+        result = reach.results[policy.name]
         scores = metrics_mod.compute_metrics(result.sequences, unit="token", terminated=result.terminated,
                                              sentence_end=ends, dot=dot, per_sequence=True)
         se = scores.pop("stderr")
@@ -230,8 +268,18 @@ def _simulate_all(chain: Any, policies: Sequence[Any], lm: Any, measure_prompts:
                                                               "length")}
         predicted[policy.name]["n_trajectories"] = result.n_trajectories
         stderr[policy.name] = {k: se.get(k) for k in PREDICTED_METRICS}
-        stages.advance()
-    return predicted, stderr
+    return predicted, stderr, reach, _vocabulary_section(reach.chain, max(columns.values(), default=lm.vocab_size))
+
+
+def _vocabulary_section(chain: Any, n_columns: int) -> dict[str, Any]:
+    """How much of the vocabulary the simulation sampled from (``simulate.simulation_vocabulary``)."""
+    full = n_columns >= chain.vocab_size
+    section: dict[str, Any] = {"mode": "full" if full else "stored entries", "columns": int(n_columns),
+                               "vocab_size": int(chain.vocab_size)}
+    if not full:  # the residual mass the simulation leaves out, visit-weighted over the traced rows
+        w = np.asarray(chain.visits, dtype=np.float64)
+        section["residual_left_out_mean"] = float((w * chain.residual).sum() / w.sum()) if w.sum() else None
+    return section
 
 
 def _closed_form_block(bounds: dict, measured: dict, policies: Sequence[Any]) -> dict[str, Any]:
@@ -368,7 +416,7 @@ def _build_chain(lm: Any, trace_prompts: Any, options: AnalyzeOptions, stages: S
     stages.start("tracing the model on the trace prompts", total=None)
     chain = build_trace(lm, list(trace_prompts.prompts), order=options.order, top_k=options.top_k,
                         modes=("greedy", "sample"), max_new_tokens=options.max_new_tokens, seed=options.seed,
-                        batch_size=options.batch_size, max_probe_rows=options.max_probe_rows, max_probe_prompts=2)
+                        batch_size=options.batch_size, probe_fallback=False)
     tm, token_info = token_matrix(chain, max_states=options.bound_states)
     described = chain.describe()
     section = {"builder": "trace", "order": chain.order, "top_k": options.top_k, "n_states": chain.n_states,
@@ -437,12 +485,20 @@ def _run_analysis(options: AnalyzeOptions, stages: Stages, timings: dict[str, fl
     measured = {r.policy: r.report_metrics() for r in runs}
     measured_se = {r.policy: {k: r.stderr.get(k) for k in PREDICTED_METRICS} for r in runs}
     with _timed(timings, "simulate"):
-        predicted, predicted_se = _simulate_all(chain, measurable, lm, measure_prompts, options, stages)
+        predicted, predicted_se, reach, sim_columns = _simulate_all(chain, measurable, lm, trace_prompts, measure_prompts, options,
+                                                       stages, timings)
+    coverage = reach.chain.coverage()
+    matrix_section.update(coverage=coverage, coverage_rows=coverage.get("rows_visited"),
+                          coverage_mass=coverage.get("mass_visited"))
+    matrix_section["reached_rows"] = {"probed": reach.probed, "rounds": reach.rounds,
+                                      "max_probe_rows": options.max_probe_rows,
+                                      "missing_step_share": reach.missing_steps}
     names = [p.name for p in measurable]
     both = [n for n in names if n in predicted]
     prediction = {
         "predictor": "simulation",
         "order": options.order,
+        "simulation_vocabulary": sim_columns,
         "n_trajectories": options.n_trajectories,
         "policies": both,
         "spearman": spearman_block(predicted, measured, both, PREDICTED_METRICS),

@@ -80,6 +80,7 @@ FORMAT_VERSION = 1
 ROW_SUM_TOL = 1e-6
 #: row provenance codes (``TransitionMatrix.row_source``).
 ROW_MISSING, ROW_TRACE, ROW_PROBE, ROW_ABSORBING = 0, 1, 2, 3
+TRACE_LOGITS_BYTES = 2**28  # the trace's teacher-forced pass runs in sub-batches of at most this many logit bytes
 _SOURCE_NAMES = {ROW_MISSING: "missing", ROW_TRACE: "trace", ROW_PROBE: "probe", ROW_ABSORBING: "absorbing"}
 #: state sets up to this size with complete rows are stored dense.
 DENSE_MAX_STATES = 2048
@@ -260,37 +261,67 @@ class TransitionMatrix:
         return self.lookup_states(ctx)
 
     # ---- token-space rows (the simulator's view) ---------------------------------------------
-    def _state_token_rows(self, states: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Dense (B, V) stored probabilities in token space and the (B, V) 'stored' mask."""
-        V = self.vocab_size
+    def _state_token_rows(self, states: np.ndarray, columns: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """Dense (B, C) stored probabilities in token space and the (B, C) 'stored' mask.
+
+        ``C`` is the vocabulary, or the sorted token ids ``columns`` (stored entries outside them are left out).
+        """
         col_tok = self.state_tokens[:, -1]
         B = len(states)
-        out = np.zeros((B, V), dtype=np.float64)
-        mask = np.zeros((B, V), dtype=bool)
+        if columns is None:
+            position = None
+            width = self.vocab_size
+        else:
+            position = np.full(self.vocab_size, -1, dtype=np.int64)
+            position[columns] = np.arange(len(columns))
+            width = len(columns)
+        out = np.zeros((B, width), dtype=np.float64)
+        mask = np.zeros((B, width), dtype=bool)
         if self.is_dense:
             rows = self.matrix[states]
-            r_idx, c_idx = np.nonzero(rows)
-            np.add.at(out, (r_idx, col_tok[c_idx]), rows[r_idx, c_idx])
-            mask[r_idx, col_tok[c_idx]] = True  # dense: the non-zero entries count as stored
+            r_idx, c_idx = np.nonzero(rows)  # dense: the non-zero entries count as stored
+            values = rows[r_idx, c_idx]
         else:
             sub = self.matrix[states]
             r_idx = np.repeat(np.arange(B), np.diff(sub.indptr))
-            toks = col_tok[sub.indices]
-            np.add.at(out, (r_idx, toks), sub.data)
-            mask[r_idx, toks] = True
+            c_idx, values = sub.indices, sub.data
+        toks = col_tok[c_idx]
+        if position is not None:
+            toks = position[toks]
+            inside = toks >= 0
+            r_idx, toks, values = r_idx[inside], toks[inside], values[inside]
+        np.add.at(out, (r_idx, toks), values)
+        mask[r_idx, toks] = True
         return out, mask
 
-    def next_distribution(self, contexts: np.ndarray) -> np.ndarray:
+    def support(self) -> np.ndarray:
+        """Sorted token ids of every stored entry, and ``<eos>``: the tokens the chain can emit without its residual."""
+        toks = self.state_tokens[:, -1][self.csr().indices]
+        return np.union1d(toks, [self.eos_token_id]).astype(np.int64)
+
+    def next_distribution(self, contexts: np.ndarray, columns: np.ndarray | None = None) -> np.ndarray:
         """Dense ``(B, vocab_size)`` float64 next-token distributions for ``(B, w)`` contexts.
 
         Each context is mapped to its state by :meth:`lookup_states` (back-off); the row is read in
         token-id space with ``<eos>`` at its own token id and the residual spread uniformly over the
         unstored non-``<eos>`` tokens. Rows sum to 1. This is what the chain simulator (spec §7.1)
         calls once per step; ``torch.from_numpy(np.log(p))`` gives the scores for HF processors.
+
+        With ``columns`` (sorted token ids, e.g. :meth:`support`) the result is ``(B, len(columns))``
+        and holds each row's **stored entries only** (not renormalised; the residual is left out), except
+        that a missing row (nothing stored) is uniform over the non-``<eos>`` columns: the simulator's
+        view of a large vocabulary, where a dense ``(B, vocab_size)`` array per step would not fit the
+        time (see ``simulate.simulate_chain``'s ``vocabulary``).
         """
         states = self.lookup_states(contexts)
-        out, mask = self._state_token_rows(states)
+        out, mask = self._state_token_rows(states, columns)
         res = self.residual[states]
+        if columns is not None:
+            empty = ~mask.any(axis=1)
+            if empty.any():
+                free = np.asarray(columns) != self.eos_token_id
+                out[empty] = np.where(free, 1.0 / max(int(free.sum()), 1), 0.0)
+            return out
         if np.any(res > 0):
             eos = self.eos_token_id
             mask[:, eos] = True
@@ -303,21 +334,21 @@ class TransitionMatrix:
                 out[lost] /= out[lost].sum(axis=1, keepdims=True)
         return out
 
-    def next_logprobs(self, contexts: np.ndarray) -> np.ndarray:
+    def next_logprobs(self, contexts: np.ndarray, columns: np.ndarray | None = None) -> np.ndarray:
         """``log`` of :meth:`next_distribution` (``-inf`` where the probability is 0)."""
         with np.errstate(divide="ignore"):
-            return np.log(self.next_distribution(contexts))
+            return np.log(self.next_distribution(contexts, columns))
 
-    def next_logits(self, contexts: np.ndarray) -> np.ndarray:
+    def next_logits(self, contexts: np.ndarray, columns: np.ndarray | None = None) -> np.ndarray:
         """Logit-scale scores ``log p + c_s`` (``c_s`` = :attr:`row_logit_shift`, 0 where unknown).
 
         Softmax-equivalent to :meth:`next_logprobs`; the shift matters only to processors that look at
         the sign or scale of a logit (repetition penalty's sign rule). ``c_s`` is exact for a
         single-prompt probe row and the mean log-normaliser of the steps (trace) or prompts (probe
-        mean) otherwise.
+        mean) otherwise. ``columns``: as in :meth:`next_distribution`.
         """
         states = self.lookup_states(contexts)
-        out = self.next_logprobs(contexts)
+        out = self.next_logprobs(contexts, columns)
         if self.row_logit_shift is not None:
             c = np.nan_to_num(self.row_logit_shift[states], nan=0.0)
             out += c[:, None]
@@ -1368,10 +1399,11 @@ def build_trace(
         for done, (mode, lo) in enumerate(jobs):
             batch = tokenized[lo:lo + batch_size]
             seqs, inp, mask = _generate(lm, batch, do_sample=(mode == "sample"), max_new_tokens=max_new_tokens)
-            # the teacher-forced pass in sub-batches whose logits stay under ~256 MiB
-            sub = max(1, int(2**28 // (4 * seqs.shape[1] * V)))
-            for sb in range(0, seqs.shape[0], sub):
-                gen, valid, hist, _plen, logits = _teacher_forced_probs(lm, inp[sb:sb + sub], mask[sb:sb + sub], seqs[sb:sb + sub])
+            # the teacher-forced pass in sub-batches whose float32 logits stay under TRACE_LOGITS_BYTES
+            rows_per_pass = max(1, int(TRACE_LOGITS_BYTES // (4 * seqs.shape[1] * V)))
+            for sb in range(0, seqs.shape[0], rows_per_pass):
+                part = slice(sb, sb + rows_per_pass)
+                gen, valid, hist, _plen, logits = _teacher_forced_probs(lm, inp[part], mask[part], seqs[part])
                 Bn, T = gen.shape
                 for b in range(Bn):
                     sequences.append({"mode": mode, "prompt_index": lo + sb + b, "tokens": gen[b][valid[b]].tolist()})

@@ -74,6 +74,13 @@ def test_real_tinystories_model(tmp_path):
     assert report["model"]["architecture"] == "LlamaForCausalLM"
     # greedy decoding of this model really loops: the measured greedy repetition is high
     assert report["measured"]["greedy"]["rep_w16"] > report["measured"]["temperature_0.7"]["rep_w16"]
+    # the rows the simulation reached were probed, no more: every simulated step read a built row
+    matrix = report["matrix"]
+    reached = matrix["reached_rows"]
+    assert 0 < reached["probed"] == matrix["coverage"]["n_probed"] < 512 - matrix["coverage"]["n_visited"]
+    assert all(share == 0.0 for share in reached["missing_step_share"].values())
+    assert 0 < matrix["coverage_rows"] <= 1 and 0 < matrix["coverage_mass"] <= 1
+    assert report["prediction"]["simulation_vocabulary"] == {"mode": "full", "columns": 512, "vocab_size": 512}
 
 
 def test_bert_folder_is_refused_as_encoder_only(tmp_path, capsys):
@@ -150,3 +157,14 @@ def test_all_mitigations(tmp_path):
     assert {"greedy", "beam4", "contrastive", "top_k_10", "eos_boost"} <= set(report["measured"])
     assert "rebalanced_encoding" not in report["measured"]  # prediction only: no generate() run
     assert {"beam4", "contrastive"} <= set(report["prediction"]["not_simulated"])
+
+
+def test_stages_are_logged_one_line_each_when_stderr_is_not_a_terminal(tmp_path, capsys):
+    folder = save_tiny("gpt2", tmp_path / "gpt2")
+    args = [a for a in FAST if a != "--quiet"]
+    assert main(["analyze", str(folder), "--out", str(tmp_path / "r"), "--no-attribution", *args]) == 0
+    lines = [ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("[")]
+    stages = [ln.split("] ", 1)[1] for ln in lines]
+    assert stages[0] == "loading the model" and "simulating the chain under each policy" in stages
+    seconds = [float(ln[1:].split(" s]")[0]) for ln in lines]
+    assert seconds == sorted(seconds)

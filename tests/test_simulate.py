@@ -96,3 +96,41 @@ def test_bad_arguments():
     with pytest.raises(ValueError):
         simulate_chain(two_cycle_chain(0.5), LogitsProcessorList(), do_sample=False, starts=[], max_new_tokens=3,
                        eos_token_id=EOS, pad_token_id=PAD, seed=0)
+
+
+def test_compact_vocabulary_gives_the_same_trajectories_as_the_full_one(monkeypatch):
+    """Columns of probability 0 change nothing: the stored-entries view of a chain without residual
+    simulates exactly as the full vocabulary (greedy, sampling and a history-dependent processor)."""
+    import scipy.sparse as sp
+
+    import repdiag.simulate as sim
+    from repdiag.mitigations import resolve_mitigations
+    from repdiag.simulate import simulate_policy, simulation_vocabulary
+    from repdiag.transition import TransitionMatrix
+
+    rng = np.random.default_rng(0)
+    V, eos, pad = 40, 1, 0
+    support = np.array([1, 5, 7, 11, 12, 20, 33])
+    rows, cols, vals = [], [], []
+    for i in range(V):  # every row lives on the support: no residual anywhere
+        p = rng.dirichlet(np.ones(len(support)) * 0.5)
+        rows += [i] * len(support)
+        cols += list(support)
+        vals += list(p)
+    rows, cols, vals = zip(*[(r, c, v) for r, c, v in zip(rows, cols, vals) if r != eos])
+    matrix = sp.csr_matrix((list(vals) + [1.0], (list(rows) + [eos], list(cols) + [eos])), shape=(V, V))
+    chain = TransitionMatrix(matrix, np.zeros(V), eos, np.arange(V)[:, None], {"builder": "test"})
+    starts = [[3, 5], [7]]
+    vocabulary = np.union1d(np.union1d(chain.support(), [3, 5, 7]), [eos, pad])
+    assert len(vocabulary) < V
+    for name in ("greedy", "temperature_1.3", "top_p_0.9", "repetition_penalty_1.5", "no_repeat_ngram_3"):
+        policy = resolve_mitigations([name])[0]
+        kw = dict(starts=starts, n_trajectories=16, max_new_tokens=20, eos_token_id=eos, pad_token_id=pad, seed=3)
+        full = simulate_policy(chain, policy, **kw)
+        compact = simulate_policy(chain, policy, vocabulary=vocabulary, **kw)
+        assert full.sequences == compact.sequences and full.terminated == compact.terminated, name
+        assert set(t for s in compact.sequences for t in s) <= set(support.tolist())
+    # the switch: full vocabulary up to FULL_VOCABULARY_MAX tokens
+    assert simulation_vocabulary(chain, starts, (eos, pad)) is None
+    monkeypatch.setattr(sim, "FULL_VOCABULARY_MAX", 10)
+    np.testing.assert_array_equal(simulation_vocabulary(chain, starts, (eos, pad)), vocabulary)

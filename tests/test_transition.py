@@ -530,3 +530,97 @@ def test_trace_probe_budget_and_fill_rows():
     assert np.isfinite(filled.row_logit_shift[missing[:3]]).all()
     assert np.abs(filled.row_sums() - 1).max() <= 1e-12
     filled.validate()
+
+
+# ----------------------------------------------------------------------------------------------
+# probing only the rows the simulation reaches (issue 4, spec §7.1)
+# ----------------------------------------------------------------------------------------------
+
+
+def _reach_setup(names=("greedy", "temperature_1.3", "top_k_10")):
+    from repdiag.mitigations import resolve_mitigations
+    from repdiag.simulate import simulate_policy
+
+    lm = _wrap("gpt2", dtype=torch.float64)
+    trace_prompts = ["a b c", "d e f g"]
+    chain = build_trace(lm, trace_prompts, order=2, top_k=8, max_new_tokens=6, seed=1, probe_fallback=False)
+    starts = [lm.tokenizer(p)["input_ids"] for p in ["h i", "j k l"]]
+    policies = resolve_mitigations(list(names))
+    calls: dict[str, int] = {}
+
+    def run(policy):
+        def simulate(view):
+            calls[policy.name] = calls.get(policy.name, 0) + 1
+            return simulate_policy(view, policy, starts=starts, n_trajectories=24, max_new_tokens=12,
+                                   eos_token_id=lm.eos_token_id, pad_token_id=lm.pad_token_id, seed=5)
+        return simulate
+
+    runs = {p.name: run(p) for p in policies}
+    return lm, trace_prompts, chain, runs, calls
+
+
+def test_simulate_reaching_probes_only_reached_rows_and_matches_a_full_probe():
+    from repdiag.simulate import simulate_reaching
+
+    # greedy-based policies on a 32-token model: sampling would reach every row
+    lm, trace_prompts, chain, runs, calls = _reach_setup(("greedy", "repetition_penalty_1.5", "no_repeat_ngram_3"))
+    n_missing = int(chain.missing.sum())
+    assert n_missing > 5  # a short trace leaves most rows unvisited
+    filled_sets: list[np.ndarray] = []
+
+    def fill(current, tokens):
+        filled_sets.append(np.asarray(tokens))
+        return fill_rows(current, lm, tokens, trace_prompts)
+
+    out = simulate_reaching(chain, runs, fill, max_probe_rows=10_000)
+    assert out.rounds == len(filled_sets) >= 1
+    assert out.probed == sum(len(t) for t in filled_sets) < n_missing  # not the whole vocabulary
+    assert all(share == 0.0 for share in out.missing_steps.values())
+    # every filled row was a missing row that a simulation stepped on, and none was filled twice
+    reached = np.concatenate(filled_sets)
+    assert len(np.unique(reached)) == len(reached) and chain.missing[reached].all()
+    assert out.chain.coverage()["n_probed"] == out.probed
+    assert max(calls.values()) <= out.rounds + 1  # a policy is simulated once per round at most
+    # the same sequences as on a chain with every unvisited row probed (float64: rows agree to rounding)
+    full = fill_rows(chain, lm, np.flatnonzero(chain.missing), trace_prompts)
+    for name, simulate in runs.items():
+        assert simulate(full).sequences == out.results[name].sequences
+
+
+def test_simulate_reaching_respects_the_budget_and_reports_what_is_left():
+    from repdiag.simulate import simulate_reaching
+
+    lm, trace_prompts, chain, runs, _calls = _reach_setup()
+    out = simulate_reaching(chain, runs, lambda c, t: fill_rows(c, lm, t, trace_prompts), max_probe_rows=3)
+    assert out.probed <= 3 and out.chain.coverage()["n_probed"] == out.probed
+    assert max(out.missing_steps.values()) > 0  # 3 rows cannot cover a temperature-1.3 walk
+    none = simulate_reaching(chain, runs, lambda c, t: pytest.fail("no probing with a zero budget"),
+                             max_probe_rows=0)
+    assert none.probed == 0 and none.rounds == 0 and none.chain is chain
+
+
+def test_missing_row_counter_counts_steps_on_placeholder_rows():
+    from repdiag.simulate import MissingRowCounter
+
+    _lm, _p, chain, _runs, _calls = _reach_setup()
+    view = MissingRowCounter(chain)
+    missing_tok = int(np.flatnonzero(chain.missing)[0])
+    visited_tok = int(np.flatnonzero(chain.visited[: chain.vocab_size])[0])
+    ctx = np.array([[-1, missing_tok], [-1, visited_tok], [-1, missing_tok]])
+    np.testing.assert_array_equal(view.next_logits(ctx), chain.next_logits(ctx))
+    assert view.steps == 3 and view.hits[missing_tok] == 2 and view.hits.sum() == 2
+
+
+def test_trace_teacher_forced_pass_in_sub_batches_equals_one_pass(monkeypatch):
+    """A large vocabulary splits the teacher-forced pass into sub-batches; the rows must not change."""
+    import repdiag.transition as tr
+
+    lm = _wrap("gpt2", dtype=torch.float64)
+    prompts = ["a b c", "d e f g", "h", "i j"]
+    kw = dict(order=2, top_k=8, max_new_tokens=6, seed=3, batch_size=4, probe_fallback=False)
+    whole = build_trace(lm, prompts, **kw)
+    monkeypatch.setattr(tr, "TRACE_LOGITS_BYTES", 4 * 12 * lm.vocab_size)  # about one sequence per pass
+    split = build_trace(lm, prompts, **kw)
+    assert split.n_states == whole.n_states
+    np.testing.assert_allclose(split.to_dense(), whole.to_dense(), rtol=0, atol=1e-13)
+    np.testing.assert_array_equal(split.visits, whole.visits)

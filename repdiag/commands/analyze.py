@@ -30,7 +30,8 @@ def analyze(
                                        rich_help_panel="Matrix")] = 2,
     top_k: Annotated[int, typer.Option("--top-k", help="Entries stored per matrix row.",
                                        rich_help_panel="Matrix")] = 64,
-    max_probe_rows: Annotated[int, typer.Option("--max-probe-rows", help="Most rows probed for unvisited states.",
+    max_probe_rows: Annotated[int, typer.Option("--max-probe-rows", help="Most unvisited rows probed: those the simulation reaches, "
+                                                "most often first (0: none).",
                                                 rich_help_panel="Matrix")] = 4096,
     bound_states: Annotated[int, typer.Option("--bound-states", help="Most token states in the bounds' matrix "
                                               "(the most visited).", rich_help_panel="Matrix")] = 512,
@@ -50,7 +51,7 @@ def analyze(
     trust_remote_code: Annotated[bool, typer.Option("--trust-remote-code", help="Run code shipped with a hub model.",
                                                     rich_help_panel="Model")] = False,
     executor: Annotated[str, typer.Option("--executor", help="Where generate() runs for the measurement: local "
-                                          "or ray (same report; needs repdiag[ray]).", rich_help_panel="Scale")] = "local",
+                                          "or ray (same report; needs repdiag\\[ray]).", rich_help_panel="Scale")] = "local",
     ray_address: Annotated[Optional[str], typer.Option("--ray-address", help="Ray cluster to join; default: start "
                                                        "a local Ray.", rich_help_panel="Scale")] = None,
     workers: Annotated[Optional[int], typer.Option("--workers", min=1, help="Ray actors (default: the cluster's CPUs).",
