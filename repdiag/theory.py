@@ -42,6 +42,7 @@ Routes (spec §3.5, §4.6, §13). Both work per cyclic SCC (closed walks never l
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
@@ -283,6 +284,8 @@ class _Chain:
     Bst: sp.csr_matrix | None = None  # stored positive non-eos entries
     u: np.ndarray | None = None  # residual per unstored non-eos entry of each row
     ops: dict = field(default_factory=dict)
+    #: smallest reciprocal condition number met by a dense termination solve below 1e-12, if any
+    worst_rcond: float | None = None
 
     # ---- construction
     @classmethod
@@ -1181,7 +1184,13 @@ def _solve_sub(ch: _Chain, idx: np.ndarray, rhs: np.ndarray) -> np.ndarray:
         return np.zeros(0)
     if ch.dense or c <= DENSE_MAX_STATES:
         M = np.eye(c) - ch.block_dense(idx, "B")
-        return scipy.linalg.solve(M, rhs, check_finite=False)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", scipy.linalg.LinAlgWarning)
+            x = scipy.linalg.solve(M, rhs, check_finite=False)
+        if caught:  # I − B nearly singular: some states reach <eos> with probability ~0 (noted in the output)
+            rcond = 1.0 / max(np.linalg.cond(M, 1), 1.0)
+            ch.worst_rcond = rcond if ch.worst_rcond is None else min(ch.worst_rcond, rcond)
+        return x
     Bf = ch.op("B")
     n = ch.n
     if c >= n // 2:
@@ -1834,6 +1843,10 @@ def compute_quantities(
     a, tau = _termination(ch)
     if not ch.dense and n > DENSE_MAX_STATES:
         notes["p_eos"] = "GMRES on I - B_TT (rtol 1e-13), sparse LU fallback"
+    if ch.worst_rcond is not None:
+        notes["expected_steps_to_eos"] = (
+            f"I - B nearly singular (reciprocal condition {ch.worst_rcond:.1e}): some states reach <eos> with "
+            "probability near 0, so their p_eos and expected steps carry relative errors up to ~1e-16 / rcond")
 
     # ---- Monte Carlo
     su_trunc = 0.0
@@ -1963,6 +1976,8 @@ def compute_quantities(
         out["partial"] = sorted(set(partial))
         out["notes"] = notes
         out["estimates"] = estimates
+    elif notes:  # the dense route's only note: an ill-conditioned termination solve
+        out["notes"] = notes
     if eos != N - 1:
         out["state_order"] = [int(x) for x in order[:n]]
     return out

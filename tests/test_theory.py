@@ -988,3 +988,19 @@ def test_corrected_arp_when_zeta_n_below_rho():
     assert_close(q["fu_arp_corrected"], 3 * p6 / (1 - p6))
     s = theory.compute_quantities(sp.csr_matrix(A), route="sparse", mc_trajectories=2)["quantities"]
     assert_close(s["fu_arp_corrected"], q["fu_arp_corrected"]) ; assert_close(s["su_estimate_r2"], q["su_estimate_r2"])
+
+
+def test_ill_conditioned_termination_is_noted_not_warned():
+    """A loop left with probability 1e-20 per turn: I − B is singular to float64; say so in the output."""
+    import warnings
+
+    e = 1e-10
+    A = np.array([[1 - e, e, 0.0], [1 - e, 0.0, e], [0.0, 0.0, 1.0]])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no LinAlgWarning reaches the user
+        out = theory.compute_quantities(A, eos_index=2, mc_trajectories=2, lower_bounds_K=1, route="dense")
+    assert "nearly singular" in out["notes"]["expected_steps_to_eos"]
+    assert min(out["quantities"]["expected_steps_to_eos"]) > 1e15
+    well = theory.compute_quantities(np.array([[0.5, 0.5], [0.0, 1.0]]), eos_index=1, mc_trajectories=2, lower_bounds_K=1,
+                              route="dense")
+    assert "notes" not in well
