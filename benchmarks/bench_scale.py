@@ -12,6 +12,14 @@ task: ``(wall with 1 worker − local wall) / tasks`` (the scheduling, serialisa
 preparation that the sharding adds).
 
     .venv/bin/python benchmarks/bench_scale.py --rows 2048
+
+``--attribution`` measures ``repdiag attribute``'s per-example gradient features instead: the bundled
+default model (its final weights, final mode = one weight point), the first ``--examples`` examples of
+its training record, loop backend, shards of 32 examples; one process vs Ray with 1 and 2 workers
+(each actor loads the model once), gradients/s in all and per worker, and the scores asserted to be
+the same bytes as the one-process run:
+
+    .venv/bin/python benchmarks/bench_scale.py --attribution --examples 256
 """
 
 from __future__ import annotations
@@ -49,7 +57,12 @@ def main() -> None:
     ap.add_argument("--fine-shards", type=int, default=32,
                     help="also 1 worker with this many shards (one batch each at the defaults): marginal cost per task")
     ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--attribution", action="store_true", help="benchmark attribution's gradient features instead")
+    ap.add_argument("--examples", type=int, default=256, help="--attribution: training examples")
     args = ap.parse_args()
+    if args.attribution:
+        bench_attribution(args)
+        return
 
     import ray
 
@@ -126,6 +139,49 @@ def main() -> None:
             print(f"marginal overhead per task ({tf} vs {t1} tasks, 1 worker): {(fine - base) / (tf - t1) * 1000:.0f} ms")
     for ex in executors.values():
         ex.close()
+    ray.shutdown()
+
+
+def bench_attribution(args: argparse.Namespace) -> None:
+    """Gradients/s of the final-mode feature shards: one process vs Ray with each ``--workers`` count."""
+    import ray
+
+    from repdiag.attribution import Query, Record, tangent_kernel
+    from repdiag.executors import RayExecutor, model_spec
+    from repdiag.models import DEFAULT_MODEL_DIR, load_model
+
+    torch.set_num_threads(args.threads)
+    lm = load_model("default")
+    examples = Record.load(DEFAULT_MODEL_DIR / "record").examples()[:args.examples]
+    prompt = "def add(a, b):"
+    enc = lm.tokenizer(prompt, return_tensors="pt")
+    with torch.no_grad():
+        gen = lm.model.generate(**enc, max_new_tokens=16, do_sample=False, num_beams=1)[0].tolist()
+    query = Query.build(lm.kind, enc["input_ids"][0].tolist(), gen, decoder_start_token_id=lm.decoder_start_token_id)
+    n_params = sum(p.numel() for p in lm.model.parameters())
+    kw = dict(kind=lm.kind, pad_token_id=lm.pad_token_id, measurement="sequence", backend="loop", shard_examples=32)
+    print(f"default model ({n_params:,} parameters), {len(examples)} examples, final mode (one weight point), "
+          f"loop backend, shards of 32, torch threads {args.threads}, {os.cpu_count()} CPUs, ray {ray.__version__}")
+    t0 = time.perf_counter()
+    ref = tangent_kernel(lm.model, examples, query, **kw)
+    local = time.perf_counter() - t0
+    n = len(examples)
+    print(f"| one process | 1 | {local:.2f} | {n / local:.1f} | {n / local:.1f} | 1.00× |")
+    t0 = time.perf_counter()
+    ray.init(include_dashboard=False, log_to_driver=False, num_cpus=16)
+    print(f"ray.init: {time.perf_counter() - t0:.2f} s")
+    for w in [int(x) for x in args.workers.split(",") if x]:
+        with RayExecutor(num_workers=w, threads=args.threads, model=model_spec(lm)) as ex:
+            t0 = time.perf_counter()
+            ex._ensure_actors(lm)
+            ex.worker_pids()  # waits until every actor has loaded the model
+            start = time.perf_counter() - t0
+            t0 = time.perf_counter()
+            res = tangent_kernel(lm.model, examples, query, executor=ex, **kw)
+            wall = time.perf_counter() - t0
+            assert res.contributions.tobytes() == ref.contributions.tobytes(), f"Ray {w} gave different scores"
+            print(f"| Ray, {w} worker(s) | {ex.shards_computed} | {wall:.2f} | {n / wall:.1f} | {n / wall / w:.1f} | "
+                  f"{local / wall:.2f}× |  (actor start-up {start:.1f} s, same bytes: True)")
     ray.shutdown()
 
 

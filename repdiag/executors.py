@@ -1,21 +1,29 @@
 """Where the heavy loops run: in this process (:class:`LocalExecutor`) or on Ray (:class:`RayExecutor`).
 
-An executor runs the shards of a job and hands back their results; the caller merges them in a fixed
-order (by token range for the probe), so the output is the same bytes whatever the executor and the
-number of workers. Ray is optional (``pip install 'repdiag[ray]'``) and imported only here, lazily.
+An executor runs the shards of a job on :class:`Worker` objects that each hold the model, and hands back
+their results keyed by shard; the caller merges them in a fixed order (by token range for the probe, by
+weight point and training-example range for attribution), so the output is the same bytes whatever the
+executor and the number of workers. Ray is optional (``pip install 'repdiag[ray]'``) and imported only
+here, lazily.
 
 Ray: one actor per worker holds the model, loaded once in the actor (``repdiag.models.load_model``
 with the same id / revision / dtype, or a picklable factory), and serves many shards. Actors are
 created with ``max_restarts`` / ``max_task_retries``: a shard whose worker dies is re-run on the
 restarted actor, and the merge keys results by shard so none is counted twice.
 
-Same bytes: each probe shard is a whole number of probe batches, so every row is computed in the same
-batch as the single-process probe; the actors use the driver's torch thread count (CPU kernels can
-round differently with another count), overridable with ``threads``.
+Shard folder (``shard_dir``, :mod:`repdiag.shards`): each finished shard is written atomically as it
+arrives, with a manifest that fingerprints the job; a rerun with the same folder loads the shards
+present and computes only the others (with either executor), and a folder of another job is refused.
+
+Same bytes: each probe shard is a whole number of probe batches and each attribution shard a whole
+number of gradient chunks, so every number is computed from the same inputs as in the single-process
+loop; the actors use the driver's torch thread count (CPU kernels can round differently with another
+count), overridable with ``threads``.
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
 from typing import TYPE_CHECKING, Any, Callable, Sequence
 
@@ -40,7 +48,7 @@ def _import_ray():
 
 def model_spec(lm: "LoadedModel", *, trust_remote_code: bool = False) -> dict[str, Any]:
     """The ``load_model`` arguments that rebuild ``lm`` in a worker."""
-    if lm.model_id in ("<in-memory>", "", None):
+    if getattr(lm, "model_id", None) in ("<in-memory>", "", None):
         raise UsageError("a model built in memory cannot be reloaded by Ray workers: pass model=<factory> "
                          "to RayExecutor or load the model from a hub id / folder")
     return {"name_or_path": lm.model_id, "revision": lm.revision, "device": str(lm.device),
@@ -56,16 +64,153 @@ def _load(spec: Any) -> "LoadedModel":
     return load_model(spec.pop("name_or_path"), **spec)
 
 
+class Worker:
+    """Holds one model and serves shards of any job (in this process, or inside a Ray actor).
+
+    ``lm``: a :class:`~repdiag.models.LoadedModel` (the attribution jobs also take a bare ``nn.Module``).
+    Caches kept across shards: the prompts' prepared KV caches (probe) and the attribution job's work
+    copy of the model at its current weight point.
+    """
+
+    def __init__(self, lm: Any) -> None:
+        self.lm = lm
+        self.contexts: dict = {}  # the prompts' prepared KV caches, reused across shards
+        self.feature_state: dict = {}  # the attribution job's work model, reused across shards
+
+    def probe(self, prompts, ids, top_k, batch_size, keep_per_prompt):
+        """One probe shard (:func:`repdiag.transition.probe_shard`)."""
+        from repdiag.transition import probe_shard
+
+        return probe_shard(self.lm, prompts, ids, top_k=top_k, batch_size=batch_size,
+                           keep_per_prompt=keep_per_prompt, context_cache=self.contexts)
+
+    def generate(self, policy, prompts, batches, kwargs):
+        """``{batch index: measure.generate_batch(...)}`` for ``batches``."""
+        from repdiag.measure import generate_batch
+
+        return {b: generate_batch(self.lm, policy, prompts, b, **kwargs) for b in batches}
+
+    def _module(self) -> Any:
+        return getattr(self.lm, "model", self.lm)
+
+    def resolve_features(self, job):
+        """The attribution job's gradient backend (:func:`repdiag.attribution.sharding.resolve_backend`)."""
+        from repdiag.attribution.sharding import resolve_backend
+
+        return resolve_backend(self._module(), job, self.feature_state)
+
+    def features(self, job, shard):
+        """One attribution feature shard (:func:`repdiag.attribution.sharding.feature_shard`)."""
+        from repdiag.attribution.sharding import feature_shard
+
+        return feature_shard(self._module(), job, shard, self.feature_state)
+
+
+Task = tuple[str, tuple, int]  # (shard name, arguments after the shared ones, progress weight)
+
+
 class Executor:
-    """Runs shards of work; subclasses: :class:`LocalExecutor`, :class:`RayExecutor`."""
+    """Runs shards of work; subclasses: :class:`LocalExecutor`, :class:`RayExecutor`.
+
+    ``shard_dir``: a folder where each finished shard is written (:class:`repdiag.shards.ShardStore`);
+    a rerun with the same folder loads those shards instead of recomputing them. ``shards_computed`` /
+    ``shards_loaded`` count both kinds in this executor's jobs.
+    """
 
     name = "base"
     n_workers = 1
 
+    def __init__(self, shard_dir: str | os.PathLike[str] | None = None) -> None:
+        from .shards import ShardStore
+
+        self.store = ShardStore(shard_dir) if shard_dir is not None else None
+        self.shards_computed = 0
+        self.shards_loaded = 0
+
+    @property
+    def threads(self) -> int:
+        """The torch thread count of the processes that compute shards (part of a shard's fingerprint)."""
+        import torch
+
+        return torch.get_num_threads()
+
+    def _map(self, lm: Any, method: str, shared: tuple, tasks: Sequence[tuple],
+             on_result: Callable[[int, Any], None]) -> None:
+        """Call ``Worker.<method>(*shared, *tasks[k])`` for every k; ``on_result(k, result)`` as each ends."""
+        raise NotImplementedError
+
+    def _probe_split(self) -> int:
+        """Shards per probe job when no shard folder fixes the layout."""
+        return 1
+
+    def call_one(self, lm: Any, method: str, *args: Any) -> Any:
+        """``Worker.<method>(*args)`` on one worker (not a shard: never stored)."""
+        out: dict[int, Any] = {}
+        self._map(lm, method, (), [args], out.__setitem__)
+        return out[0]
+
+    def open_job(self, fields: dict[str, Any], resolve: Callable[[], dict[str, Any]] | None = None) -> dict[str, Any]:
+        """Start a job: its once-per-job choices (``resolve()``, or those stored in the shard folder)."""
+        import torch
+
+        from . import __version__
+
+        if self.store is None:
+            return resolve() if resolve is not None else {}
+        job = dict(fields, threads=int(self.threads), torch=torch.__version__, repdiag=__version__)
+        return self.store.begin(job, resolve)
+
+    def run_shards(self, lm: Any, method: str, shared: tuple, tasks: Sequence[Task], *,
+                   pack: Callable[[Any], dict], unpack: Callable[[dict], Any],
+                   progress: Callable[[int], None] | None = None) -> dict[str, Any]:
+        """``{shard name: result}`` for ``tasks``: loaded from the shard folder when there, else computed
+        by ``Worker.<method>`` and (with a folder) saved as soon as it finishes. Call :meth:`open_job` first."""
+        results: dict[str, Any] = {}
+        todo: list[Task] = []
+        for task in tasks:
+            hit = self.store.load(task[0]) if self.store is not None else None
+            if hit is None:
+                todo.append(task)
+                continue
+            results[task[0]] = unpack(hit)
+            self.shards_loaded += 1
+            if progress is not None:
+                progress(task[2])
+
+        def finished(k: int, result: Any) -> None:
+            name, _, weight = todo[k]
+            if self.store is not None:
+                self.store.save(name, pack(result))
+            results[name] = result  # keyed by shard: a retried shard is merged once
+            self.shards_computed += 1
+            if progress is not None:
+                progress(weight)
+
+        self._map(lm, method, shared, [t[1] for t in todo], finished)
+        return results
+
     def probe_shards(self, lm: "LoadedModel", prompts: Sequence[str], ids: np.ndarray, *, top_k: int,
                      batch_size: int, keep_per_prompt: bool = False,
                      progress: Callable[[int], None] | None = None) -> list[dict[str, Any]]:
-        raise NotImplementedError
+        """:func:`repdiag.transition.probe_shard` results for ``ids`` cut into whole batches, in row order."""
+        from .shards import pack_probe_shard, unpack_probe_shard
+        from .transition import probe_shards_of, prompts_fingerprint
+
+        ids = np.asarray(ids, dtype=np.int64)
+        split = self.store.probe_shards if self.store is not None else self._probe_split()
+        ranges = probe_shards_of(len(ids), batch_size, split)
+        self.open_job({"job": "probe", "model_id": lm.model_id, "revision": lm.revision,
+                       "dtype": str(lm.dtype).replace("torch.", ""), "device": str(lm.device),
+                       "tokenizer": lm.tokenizer_fingerprint, "vocab_size": int(lm.vocab_size),
+                       "prompts": prompts_fingerprint(list(prompts)), "n_prompts": len(prompts),
+                       "rows": hashlib.sha256(ids.astype("<i8").tobytes()).hexdigest(), "n_rows": len(ids),
+                       "top_k": int(top_k), "batch_size": int(batch_size), "keep_per_prompt": bool(keep_per_prompt),
+                       "ranges": [list(r) for r in ranges]})
+        tasks = [(f"probe-{lo:08d}-{hi:08d}", (ids[lo:hi], top_k, batch_size, keep_per_prompt), hi - lo)
+                 for lo, hi in ranges]
+        out = self.run_shards(lm, "probe", (list(prompts),), tasks, pack=pack_probe_shard,
+                              unpack=unpack_probe_shard, progress=progress)
+        return [out[name] for name, _, _ in tasks]
 
     def generate_batches(self, lm: "LoadedModel", policy: Any, prompts: Sequence[str], batches: Sequence[int],
                          kwargs: dict[str, Any], progress: Callable[[int], None] | None = None,
@@ -84,24 +229,27 @@ class Executor:
 
 
 class LocalExecutor(Executor):
-    """This process, in ``n_shards`` sequential shards (1 by default; more only to exercise the merge)."""
+    """This process, in ``n_shards`` sequential probe shards (1 by default; more only to exercise the merge)."""
 
     name = "local"
 
-    def __init__(self, n_shards: int = 1):
+    def __init__(self, n_shards: int = 1, *, shard_dir: str | os.PathLike[str] | None = None):
+        super().__init__(shard_dir)
         self.n_shards = max(1, int(n_shards))
+        self._worker: tuple[Any, Worker] | None = None
 
-    def probe_shards(self, lm, prompts, ids, *, top_k, batch_size, keep_per_prompt=False, progress=None):
-        from .transition import probe_shard, probe_shards_of
+    def _probe_split(self) -> int:
+        return self.n_shards
 
-        out: list[dict[str, Any]] = []
-        cache: dict = {}
-        for lo, hi in probe_shards_of(len(ids), batch_size, self.n_shards):
-            out.append(probe_shard(lm, prompts, ids[lo:hi], top_k=top_k, batch_size=batch_size,
-                                   keep_per_prompt=keep_per_prompt, context_cache=cache))
-            if progress is not None:
-                progress(hi - lo)
-        return out
+    def _map(self, lm, method, shared, tasks, on_result):
+        if self._worker is None or self._worker[0] is not lm:
+            self._worker = (lm, Worker(lm))
+        fn = getattr(self._worker[1], method)
+        for k, args in enumerate(tasks):
+            on_result(k, fn(*shared, *args))
+
+    def close(self) -> None:
+        self._worker = None  # drops the worker's caches (prompt KV caches, attribution work copy)
 
     def generate_batches(self, lm, policy, prompts, batches, kwargs, progress=None):
         from .measure import generate_batch
@@ -122,30 +270,18 @@ def _worker_class(ray: Any) -> Any:
     global _WORKER_CLASS
     if _WORKER_CLASS is None:
 
-        class ModelWorker:
-            """Holds one loaded model; serves probe shards."""
+        class ModelWorker(Worker):
+            """A :class:`Worker` in a Ray actor: loads its model once, with the driver's thread count."""
 
             def __init__(self, spec: Any, threads: int | None):
                 import torch
 
                 if threads:
                     torch.set_num_threads(int(threads))
-                self.lm = _load(spec)
-                self.contexts: dict = {}  # the prompts' prepared KV caches, reused across shards
+                super().__init__(_load(spec))
 
             def pid(self) -> int:
                 return os.getpid()
-
-            def probe(self, prompts, ids, top_k, batch_size, keep_per_prompt):
-                from repdiag.transition import probe_shard
-
-                return probe_shard(self.lm, prompts, ids, top_k=top_k, batch_size=batch_size,
-                                   keep_per_prompt=keep_per_prompt, context_cache=self.contexts)
-
-            def generate(self, policy, prompts, batches, kwargs):
-                from repdiag.measure import generate_batch
-
-                return {b: generate_batch(self.lm, policy, prompts, b, **kwargs) for b in batches}
 
         _WORKER_CLASS = ray.remote(ModelWorker)
     return _WORKER_CLASS
@@ -157,8 +293,9 @@ class RayExecutor(Executor):
     ``address``: a running cluster (``ray start --head`` / ``auto`` / ``ray://...``); ``None`` starts a
     local Ray (or joins the one this process already initialised). ``num_workers``: actors (default: the
     cluster's CPUs, at least 1). ``model``: ``load_model`` kwargs or a picklable zero-argument factory;
-    default: rebuilt from the ``LoadedModel`` passed to the first job. ``shards_per_worker``: shards per
-    actor and job (smaller shards balance load and lose less on a failure; each is ≥ one batch).
+    default: rebuilt from the ``LoadedModel`` passed to the first job. ``shards_per_worker``: probe shards
+    per actor and job (smaller shards balance load and lose less on a failure; each is ≥ one batch).
+    ``shard_dir``: see :class:`Executor`.
     """
 
     name = "ray"
@@ -166,7 +303,9 @@ class RayExecutor(Executor):
     def __init__(self, address: str | None = None, num_workers: int | None = None, *, model: Any = None,
                  threads: int | None = None, shards_per_worker: int = 4, num_cpus_per_worker: float = 1,
                  num_gpus_per_worker: float = 0, max_restarts: int = 3, max_task_retries: int = 3,
-                 trust_remote_code: bool = False, init_kwargs: dict[str, Any] | None = None):
+                 trust_remote_code: bool = False, init_kwargs: dict[str, Any] | None = None,
+                 shard_dir: str | os.PathLike[str] | None = None):
+        super().__init__(shard_dir)
         ray = _import_ray()
         self.ray = ray
         self._owns_ray = False
@@ -188,7 +327,7 @@ class RayExecutor(Executor):
             import torch
 
             threads = torch.get_num_threads()
-        self.threads = threads
+        self._threads = int(threads)
         self.model = model
         self.trust_remote_code = trust_remote_code
         self.shards_per_worker = max(1, int(shards_per_worker))
@@ -197,6 +336,13 @@ class RayExecutor(Executor):
         self.actors: list[Any] = []
         self._spec_key: Any = None
         self.tasks_run = 0
+
+    @property
+    def threads(self) -> int:
+        return self._threads
+
+    def _probe_split(self) -> int:
+        return self.n_workers * self.shards_per_worker
 
     def _ensure_actors(self, lm: "LoadedModel") -> list[Any]:
         spec = self.model if self.model is not None else model_spec(lm, trust_remote_code=self.trust_remote_code)
@@ -217,68 +363,43 @@ class RayExecutor(Executor):
     def worker_pids(self) -> list[int]:
         return self.ray.get([a.pid.remote() for a in self.actors])
 
-    def probe_shards(self, lm, prompts, ids, *, top_k, batch_size, keep_per_prompt=False, progress=None):
-        from .transition import probe_shards_of
-
+    def _run(self, calls: list[Callable[[Any], Any]], on_result: Callable[[int, Any], None]) -> None:
+        """Run ``calls`` (actor -> ObjectRef) one at a time per actor; ``on_result(index, result)`` as each ends."""
         ray = self.ray
-        actors = self._ensure_actors(lm)
-        ids = np.asarray(ids, dtype=np.int64)
-        ranges = probe_shards_of(len(ids), batch_size, self.n_workers * self.shards_per_worker)
-        prompts_ref = ray.put(list(prompts))
-        results: dict[int, dict[str, Any]] = {}  # keyed by shard start: a shard is merged once
-        queue = list(range(len(ranges)))
-        inflight: dict[Any, tuple[int, int]] = {}  # ref -> (shard, actor)
-        free = list(range(len(actors)))
-        while queue or inflight:
-            while queue and free:
-                j, a = queue.pop(0), free.pop(0)
-                lo, hi = ranges[j]
-                ref = actors[a].probe.remote(prompts_ref, ids[lo:hi], top_k, batch_size, keep_per_prompt)
-                inflight[ref] = (j, a)
-            done, _ = ray.wait(list(inflight), num_returns=1)
-            for ref in done:
-                j, a = inflight.pop(ref)
-                results[ranges[j][0]] = ray.get(ref)  # re-raises after Ray's retries are exhausted
-                self.tasks_run += 1
-                free.append(a)
-                if progress is not None:
-                    progress(ranges[j][1] - ranges[j][0])
-        return [results[k] for k in sorted(results)]
-
-    def _run(self, calls: list[tuple[Callable[[Any], Any], int]], progress: Callable[[int], None] | None) -> dict[int, Any]:
-        """Run ``calls`` ([(actor -> ObjectRef, weight)]) one at a time per actor; results by call index."""
-        ray = self.ray
-        results: dict[int, Any] = {}
         queue = list(range(len(calls)))
         inflight: dict[Any, tuple[int, int]] = {}
         free = list(range(len(self.actors)))
         while queue or inflight:
             while queue and free:
                 j, a = queue.pop(0), free.pop(0)
-                inflight[calls[j][0](self.actors[a])] = (j, a)
+                inflight[calls[j](self.actors[a])] = (j, a)
             done, _ = ray.wait(list(inflight), num_returns=1)
             for ref in done:
                 j, a = inflight.pop(ref)
-                results[j] = ray.get(ref)
+                result = ray.get(ref)  # re-raises after Ray's retries are exhausted
                 self.tasks_run += 1
                 free.append(a)
-                if progress is not None:
-                    progress(calls[j][1])
-        return results
+                on_result(j, result)
+
+    def _map(self, lm, method, shared, tasks, on_result):
+        self._ensure_actors(lm)
+        refs = [self.ray.put(a) for a in shared]
+        self._run([(lambda actor, args=args: getattr(actor, method).remote(*refs, *args)) for args in tasks],
+                  on_result)
 
     def generate_batches(self, lm, policy, prompts, batches, kwargs, progress=None):
-        ray = self.ray
-        self._ensure_actors(lm)
         batches = list(batches)
         n_groups = max(1, min(len(batches), self.n_workers * self.shards_per_worker))
         groups = [g.tolist() for g in np.array_split(np.asarray(batches, dtype=np.int64), n_groups) if len(g)]
-        prompts_ref = ray.put(list(prompts))
         bs = int(kwargs.get("batch_size", 16))
-        calls = [((lambda actor, g=g: actor.generate.remote(policy, prompts_ref, g, kwargs)),
-                  sum(len(prompts[b * bs:(b + 1) * bs]) for b in g)) for g in groups]
         out: dict[int, Any] = {}
-        for part in self._run(calls, progress).values():
+
+        def merge(k: int, part: dict) -> None:
             out.update(part)  # keyed by batch index: a retried group overwrites, never adds
+            if progress is not None:
+                progress(sum(len(prompts[b * bs:(b + 1) * bs]) for b in groups[k]))
+
+        self._map(lm, "generate", (policy, list(prompts)), [(g, kwargs) for g in groups], merge)
         return out
 
     def _kill_actors(self) -> None:
@@ -297,13 +418,14 @@ class RayExecutor(Executor):
 
 
 def get_executor(name: str = "local", address: str | None = None, workers: int | None = None,
-                 **kwargs: Any) -> Executor:
-    """``local`` or ``ray`` (``address``: a Ray cluster, default a local one; ``workers``: actors)."""
+                 shard_dir: str | os.PathLike[str] | None = None, **kwargs: Any) -> Executor:
+    """``local`` or ``ray`` (``address``: a Ray cluster, default a local one; ``workers``: actors;
+    ``shard_dir``: where finished shards are written and, on a rerun, loaded from)."""
     name = (name or "local").lower()
     if name == "local":
         if address is not None:
             raise UsageError("--ray-address needs --executor ray")
-        return LocalExecutor()
+        return LocalExecutor(shard_dir=shard_dir)
     if name == "ray":
-        return RayExecutor(address=address, num_workers=workers, **kwargs)
+        return RayExecutor(address=address, num_workers=workers, shard_dir=shard_dir, **kwargs)
     raise UsageError(f"unknown --executor {name!r}: use local or ray")

@@ -87,3 +87,11 @@ def test_every_public_name_resolves():
 
     for name in repdiag.__all__:
         assert getattr(repdiag, name) is not None
+
+
+@pytest.mark.parametrize("command", [["analyze"], ["matrix", "build"], ["attribute"]])
+def test_help_keeps_the_extra_name_in_brackets(command, capsys, monkeypatch):
+    """Rich markup would eat "[ray]" from "repdiag[ray]": the help must still name the install."""
+    monkeypatch.setenv("COLUMNS", "300")
+    assert main([*command, "--help"]) == 0
+    assert "repdiag[ray]" in capsys.readouterr().out

@@ -1,12 +1,15 @@
-"""Executors (issue 10, first increment): the probe sharded over Ray actors gives the same bytes as one process.
+"""Executors (issue 10): the probe, analyze's generate() and attribute's gradient features sharded over Ray
+actors give the same bytes as one process, also when a worker dies or a run resumes from a shard folder.
 
 The Ray tests run on a local two-node ``ray.cluster_utils.Cluster`` (CPU only, one CPU per node) and are
-skipped when Ray is not installed (``pip install 'repdiag[ray]'``). The rest run everywhere.
+skipped when Ray is not installed (``pip install 'repdiag[ray]'``). The rest run everywhere. The shard
+folder without Ray: ``tests/test_shards.py``.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import signal
 import sys
@@ -67,6 +70,21 @@ def test_executor_ray_without_ray_is_exit_2(tiny_t5, tmp_path, monkeypatch, caps
     err = capsys.readouterr().err
     assert "pip install 'repdiag[ray]'" in " ".join(err.split())
     assert not (tmp_path / "m.npz").exists()
+
+
+def test_attribute_executor_ray_without_ray_is_exit_2(tmp_path, monkeypatch, capsys):
+    from repdiag.cli import main
+    from test_shards import make_attribution_run
+
+    run = make_attribution_run(tmp_path, n_pairs=8)
+    monkeypatch.setitem(sys.modules, "ray", None)  # import ray -> ImportError
+    rc = main(run["cli"] + ["--mode", "checkpoints", "--executor", "ray", "--dump", str(tmp_path / "d")])
+    assert rc == 2
+    err = capsys.readouterr().err
+    assert "pip install 'repdiag[ray]'" in " ".join(err.split()) and err.count("error:") == 1
+    assert not (tmp_path / "d").exists()
+    assert main(run["cli"] + ["--executor", "dask"]) == 2
+    assert main(run["cli"] + ["--workers", "2"]) == 2
 
 
 def test_executor_option_errors(tiny_t5, tmp_path, capsys):
@@ -164,3 +182,86 @@ def test_ray_analyze_same_report_bytes(ray_cluster, tmp_path, monkeypatch):
     assert main(args + ["--out", str(tmp_path / "ray"), "--executor", "ray", "--workers", "2"]) == 0
     assert [name for name, _ in seen] == ["greedy", "temperature_0.7"] and all(len(b) >= 2 for _, b in seen)
     assert (tmp_path / "ray" / "report.json").read_bytes() == (tmp_path / "local" / "report.json").read_bytes()
+
+
+def test_ray_probe_resumes_from_shard_dir(ray_cluster, tiny_t5, tmp_path):
+    """Ray with --shard-dir: a run that lost some shards recomputes only those; same bytes as one process."""
+    from repdiag.executors import RayExecutor
+    from repdiag.models import load_model
+
+    lm = load_model(str(tiny_t5))
+    prompts = ["a b c", "d e"]
+    build_probe(lm, prompts, batch_size=2).save(tmp_path / "ref.npz")
+    with RayExecutor(num_workers=2, shard_dir=tmp_path / "shards") as ex:
+        build_probe(lm, prompts, batch_size=2, executor=ex).save(tmp_path / "a.npz")
+        files = sorted((tmp_path / "shards").glob("probe-*.npz"))
+        assert (ex.shards_computed, ex.shards_loaded) == (len(files), 0) and len(files) == 16
+        for f in files[::3]:
+            f.unlink()
+        build_probe(lm, prompts, batch_size=2, executor=ex).save(tmp_path / "b.npz")
+        assert (ex.shards_computed, ex.shards_loaded) == (16 + len(files[::3]), 16 - len(files[::3]))
+    assert _sha(tmp_path / "a.npz") == _sha(tmp_path / "ref.npz") == _sha(tmp_path / "b.npz")
+
+
+def test_ray_attribute_cli_same_bytes(ray_cluster, tmp_path, capsys, monkeypatch):
+    """`repdiag attribute --executor ray` on two nodes: same JSON on stdout and same --dump files as local; its
+    shard folder is then complete for a local rerun, which computes nothing."""
+    from repdiag.cli import main
+    from repdiag.executors import Worker
+    from test_shards import make_attribution_run
+
+    run = make_attribution_run(tmp_path / "run")
+    args = run["cli"] + ["--mode", "checkpoints"]
+    assert main(args + ["--dump", str(tmp_path / "local")]) == 0
+    local_out = capsys.readouterr().out
+    shards = tmp_path / "shards"
+    assert main(args + ["--executor", "ray", "--workers", "2", "--shard-dir", str(shards),
+                        "--dump", str(tmp_path / "ray")]) == 0
+    assert capsys.readouterr().out == local_out
+    names = ("scores.json", "scores.safetensors", "query.json", "index.json", "train.jsonl")
+    for name in names:
+        assert (tmp_path / "ray" / name).read_bytes() == (tmp_path / "local" / name).read_bytes()
+    out = json.loads(local_out)
+    assert len(sorted(shards.glob("features-*.npz"))) == len(out["checkpoints"]) and any(out["contributions"])
+    calls = []
+    real = Worker.features
+    monkeypatch.setattr(Worker, "features", lambda self, job, shard: calls.append(shard) or real(self, job, shard))
+    assert main(args + ["--shard-dir", str(shards), "--dump", str(tmp_path / "resumed")]) == 0
+    assert capsys.readouterr().out == local_out and calls == []
+    assert (tmp_path / "resumed" / "scores.json").read_bytes() == (tmp_path / "local" / "scores.json").read_bytes()
+
+
+def test_ray_attribution_worker_killed_same_scores(ray_cluster, tmp_path):
+    """SIGKILL one actor after the first feature shard: Ray restarts it and retries; each shard merged once."""
+    import torch
+
+    from repdiag.attribution import Record, checkpoint_kernel, tangent_kernel
+    from repdiag.attribution.sharding import feature_layout
+    from repdiag.executors import RayExecutor, model_spec
+    from repdiag.models import load_model
+    from test_shards import make_attribution_run
+
+    run = make_attribution_run(tmp_path, n_pairs=70, dtype=torch.float64)
+    lm = load_model(str(tmp_path / "model"), dtype="float64")
+    rec, q = Record.load(run["record"]), run["query"]
+    ref = checkpoint_kernel(lm.model, rec, q, backend="loop")
+    ref_final = tangent_kernel(lm.model, rec.examples(), q, kind="seq2seq", pad_token_id=0, backend="loop")
+    with RayExecutor(num_workers=2, model=model_spec(lm)) as ex:
+        ex._ensure_actors(lm)
+        pids = ex.worker_pids()
+        killed = []
+
+        def tick(done: int, total: int) -> None:
+            if not killed:
+                os.kill(pids[0], signal.SIGKILL)
+                killed.append(pids[0])
+
+        res = checkpoint_kernel(lm.model, rec, q, backend="loop", shard_examples=32, executor=ex, progress=tick)
+        assert killed and ex.worker_pids()[0] != pids[0]  # the actor was restarted
+        n_shards = len(feature_layout(70, len(ref.checkpoints), 32))
+        assert ex.shards_computed == n_shards
+        final = tangent_kernel(lm.model, rec.examples(), q, kind="seq2seq", pad_token_id=0, backend="loop",
+                               shard_examples=32, executor=ex)
+    assert res.contributions.tobytes() == ref.contributions.tobytes() and res.to_dict(5) == ref.to_dict(5)
+    assert all(res.all_contributions[k].tobytes() == v.tobytes() for k, v in ref.all_contributions.items())
+    assert final.contributions.tobytes() == ref_final.contributions.tobytes() and final.b == ref_final.b

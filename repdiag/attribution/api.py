@@ -121,7 +121,7 @@ def choose_mode(record: Record | None, mode: str, n_parameters: int) -> tuple[st
 def attribute(model, query: Query, *, record: Record | str | Path | None = None, train=None, tokenizer=None,
               mode: str = "auto", measurement: str = "loop", backend: str = "auto", layers: str | None = None,
               eos_token_id: int | None = None, pad_token_id: int | None = None,
-              notify: Callable[[str], None] | None = _note_stderr, progress=None,
+              notify: Callable[[str], None] | None = _note_stderr, progress=None, executor=None,
               **kwargs: Any) -> KernelAttribution:
     """Attribute ``query``'s ``measurement`` to the training examples.
 
@@ -131,6 +131,10 @@ def attribute(model, query: Query, *, record: Record | str | Path | None = None,
     ``record``: a record folder or :class:`Record` (``None`` → final mode over ``train``). ``train``: the
     training pairs (path or sequence) — checked against the record, used to display pairs (and, in final
     mode without a record, as the examples). Extra ``kwargs`` go to the kernel function.
+
+    ``executor`` (:class:`repdiag.executors.Executor`, e.g. Ray, or one with a shard folder): where the
+    checkpoint and final modes compute their per-example gradient features, in shards (same bytes as
+    without it). The replay modes walk the steps in order in this process; with an executor they say so.
     """
     if isinstance(record, (str, Path)):
         record = Record.load(record)
@@ -148,12 +152,18 @@ def attribute(model, query: Query, *, record: Record | str | Path | None = None,
     display = tuple((p.source, p.target) for p in pairs) if pairs else None
     if chosen != "checkpoints":  # the replay modes stream exact dot products; projection is for checkpoints
         kwargs = {k: v for k, v in kwargs.items() if k not in ("projector", "cache_dir")}
+    if chosen in _RULE and executor is not None:
+        notes.append(f"mode {chosen} replays the training steps in order in this process: the executor and its "
+                     "shard folder are used by the checkpoints and final modes only")
+        if notify is not None:
+            notify(notes[-1])
+        kwargs.pop("shard_examples", None)
     if chosen in _RULE:
         res = path_kernel(model, record, query, rule=_RULE[chosen], measurement=measurement, pairs=display,
                           backend=backend, progress=progress, **kwargs)
     elif chosen == "checkpoints":
         res = checkpoint_kernel(model, record, query, measurement=measurement, pairs=display, backend=backend,
-                                layers=layers, progress=progress, **kwargs)
+                                layers=layers, progress=progress, executor=executor, **kwargs)
     else:
         if record is not None:
             examples = [e for e in record.examples()]
@@ -166,7 +176,8 @@ def attribute(model, query: Query, *, record: Record | str | Path | None = None,
             pad = pad_token_id if pad_token_id is not None else (tokenizer.pad_token_id or 0)
         res = tangent_kernel(model, examples, query, kind=kind, pad_token_id=pad, measurement=measurement,
                              pairs=display, backend=backend, layers=layers,
-                             warnings=record.warnings if record is not None else ())
+                             warnings=record.warnings if record is not None else (), executor=executor,
+                             progress=progress, **{k: v for k, v in kwargs.items() if k == "shard_examples"})
     if notes:
         import dataclasses
 

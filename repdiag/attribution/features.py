@@ -183,11 +183,7 @@ class GradientComputer:
         examples = list(examples)
         if not examples:
             return torch.zeros((0, self.space.size), dtype=self.space.dtype)
-        if self.backend is None:
-            self.backend = "vmap" if self._self_check(examples) else "loop"
-            if self.backend == "vmap" and self.requested == "auto" and len(examples) >= 8:
-                self._race(examples)
-        if self.backend == "loop":
+        if self.resolve(examples) == "loop":
             return self._loop(examples)
         out = torch.zeros((len(examples), self.space.size), dtype=self.space.dtype,
                           device=self.space.params[0].device)
@@ -209,6 +205,14 @@ class GradientComputer:
                     rows = self._loop(exs)
                 out[part] = rows
         return out
+
+    def resolve(self, examples: Sequence[Example]) -> str:
+        """The backend, decided on ``examples`` at the first call: the vmap self-check, then (``auto``) the race."""
+        if self.backend is None:
+            self.backend = "vmap" if self._self_check(examples) else "loop"
+            if self.backend == "vmap" and self.requested == "auto" and len(examples) >= 8:
+                self._race(examples)
+        return self.backend
 
     def _race(self, examples: Sequence[Example]) -> None:
         """``auto``: keep vmap only if it beats the loop per example on a chunk of this data (large models with

@@ -20,6 +20,7 @@ from .data import Example
 from .features import GradientComputer, ParamSpace
 from .outputs import Query
 from .runfile import Record
+from .sharding import SHARD_EXAMPLES
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
@@ -480,7 +481,8 @@ def _adaptive_gl(meas: _Measure, theta, delta, dm, m_prev, m_next, tol, max_piec
 # --------------------------------------------------------------------------------------------------
 def checkpoint_kernel(model, record: Record, query: Query, *, measurement: str = "loop", pairs=None,
                       train_examples=None, backend: str = "loop", dtype: str = "float64", layers: str | None = None,
-                      rule: str = "trapezoid", projector=None, cache_dir=None, progress=None) -> KernelAttribution:
+                      rule: str = "trapezoid", projector=None, cache_dir=None, progress=None, executor=None,
+                      shard_examples: int = SHARD_EXAMPLES) -> KernelAttribution:
     """TracInCP over the recorded checkpoints (θ0 and the final model count as checkpoints), spec §3.2.
 
     ``C_i ≈ −Σ_j W_ij · ½(∇m(θ_kj)·∇ℓ_i(θ_kj) + ∇m(θ_kj+1)·∇ℓ_i(θ_kj+1))`` (``rule="left"`` keeps only
@@ -489,8 +491,15 @@ def checkpoint_kernel(model, record: Record, query: Query, *, measurement: str =
     ``projector`` (:class:`~repdiag.attribution.projection.Projector`): dot products of projected gradients
     (approximate, stated); with ``cache_dir`` the projected training features are cached per checkpoint, so
     further queries cost only their own gradients.
+
+    ``executor`` (:class:`repdiag.executors.Executor`; default this process): runs the per-example
+    gradient features in shards of (checkpoint, ``shard_examples`` training examples); the scores are the
+    same bytes for any executor and worker count, and an executor with a shard folder resumes a job.
     """
     import torch
+
+    from .features import ParamSpace
+    from .sharding import FeatureJob, merged_warnings, point_tensors, run_feature_job
 
     if rule not in ("trapezoid", "left"):
         raise UsageError("checkpoint rule must be 'trapezoid' or 'left'")
@@ -504,15 +513,13 @@ def checkpoint_kernel(model, record: Record, query: Query, *, measurement: str =
         warnings.append(f"approximate: {reasons[0]}; the checkpoint kernel weights gradients by the learning rate "
                         "only (not preconditioned)")
     tdtype = getattr(torch, dtype)
-    work = work_model(model, tdtype)
-    full = ParamSpace(work)
-    final = {n: p.detach().clone() for n, p in work.named_parameters()}
+    final = dict(model.named_parameters())
     T = len(record.steps)
-    points: list[tuple[int, dict]] = []
+    points: list[tuple[str, int]] = []
+    metas: list[dict] = []
     if record.has_theta0:
-        t0 = record.theta0()
-        record.check_tensors(t0, "theta0.safetensors", work)
-        points.append((0, t0))
+        points.append(("theta0", 0))
+        metas.append({})
     for c in record.checkpoints:
         s = int(c["step"])
         if s <= 0 or s >= T:
@@ -520,28 +527,26 @@ def checkpoint_kernel(model, record: Record, query: Query, *, measurement: str =
         if not (record.path / c["file"]).is_file():
             raise RecordError(f"checkpoint {c['file']!r} listed in record.json is missing: the record folder is "
                               "incomplete")
-        points.append((s, c))
-    points.append((T, final))
+        points.append(("checkpoint", s))
+        metas.append(c)
+    points.append(("final", T))
+    metas.append({})
     if len(points) < 2:
         raise RecordError("the record has neither θ0 nor intermediate checkpoints: use --mode final")
-    partial = [c for _, c in points if isinstance(c, dict) and c.get("params")]
-    if partial:
+    if any(c.get("params") for c in metas):
         warnings.append("checkpoints hold a parameter subset: the other parameters are taken from the final model")
-    lowp = sorted({c.get("dtype") for _, c in points if isinstance(c, dict) and "file" in c and
-                   c.get("dtype") not in ("float32", "float64")})
+    lowp = sorted({c.get("dtype") for c in metas if "file" in c and c.get("dtype") not in ("float32", "float64")})
     if lowp:
         warnings.append(f"checkpoints stored in {', '.join(lowp)}: their rounding (~1e-3 relative) enters the scores")
     examples = _examples_for(record, train_examples)
     n = len(examples)
-    space = ParamSpace(work, layers=layers)
-    gc = GradientComputer(space, record.kind, record.meta.get("pad_token_id", 0), backend)
-    meas = _Measure(space, query)
+    names = ParamSpace(model, layers=layers).names
     Q = len(query.names)
     # learning-rate mass per segment and example (group 0's lr; differing group lrs are warned about)
     K = len(points) - 1
     W = np.zeros((K, n))
     times = np.zeros(n, dtype=np.int64)
-    bounds = [s for s, _ in points]
+    bounds = [s for _, s in points]
     seg = 0
     groups_lr_differ = False
     for st in record.steps:
@@ -556,25 +561,44 @@ def checkpoint_kernel(model, record: Record, query: Query, *, measurement: str =
             times[i] += 1
     if groups_lr_differ:
         warnings.append("optimizer groups had different learning rates: the checkpoint kernel used group 0's")
-    used = [i for i in range(n) if times[i] > 0]
+    used = tuple(i for i in range(n) if times[i] > 0)
+    # per point: check the tensors and look up the projected-feature cache
+    cache, cached = None, {}
+    if projector is not None and cache_dir is not None:
+        from .cache import FeatureCache
+
+        cache = FeatureCache(cache_dir)
+    keys = {}
+    for j, (source, s) in enumerate(points):
+        tensors = point_tensors(record, source, s, final)
+        record.check_tensors(tensors, "theta0.safetensors" if source == "theta0" else f"checkpoint {s}", model)
+        if cache is not None:
+            keys[j] = _cache_key_at(tensors, final, names, tdtype, projector, record, layers, used, n)
+            hit = cache.load(keys[j], n, projector.dim)
+            if hit is not None:
+                cached[j] = hit
+    job = FeatureJob(kind=record.kind, pad_token_id=int(record.meta.get("pad_token_id", 0)), query=query,
+                     examples=tuple(examples), used=used, points=tuple(points), record=str(record.path.resolve()),
+                     layers=layers, dtype=dtype, backend=backend, projector=projector, key="")
+    job, shards, backend_warnings = run_feature_job(model, job, executor=executor, skip_points=sorted(cached),
+                                                    shard_examples=shard_examples, progress=progress)
     D = np.zeros((K + 1, Q, n))
-    ms = []
-    for j, (s, c) in enumerate(points):
-        tensors = c if "file" not in c else record.checkpoint(s)
-        record.check_tensors(tensors, f"checkpoint {s}", work)
-        full.set(full.flat_from({nm: tensors.get(nm, final[nm]) for nm in full.names}).to(tdtype))
-        m, G = meas.grad()
-        ms.append(m)
+    ms = [shards[min(s for s in shards if s[0] == j)]["m"] for j in range(K + 1)]
+    for j in range(K + 1):
+        own = sorted(s for s in shards if s[0] == j)
         if projector is None:
-            for k in range(0, len(used), 32):
-                part = used[k:k + 32]
-                g = gc([examples[i] for i in part]).double()
-                D[j][:, part] = (G @ g.T).numpy()
-        else:
-            feats = _projected_features(space, gc, examples, used, projector, cache_dir, record, layers)
-            D[j] = (projector.project(G, space.names, space.numels) @ torch.from_numpy(feats).T).numpy()
-        if progress is not None:
-            progress(j + 1, K + 1)
+            for _, lo, hi in own:
+                D[j][:, list(used[lo:hi])] = shards[(j, lo, hi)]["dots"]
+            continue
+        feats = cached.get(j)
+        if feats is None:
+            feats = np.zeros((n, projector.dim))
+            for _, lo, hi in own:
+                feats[list(used[lo:hi])] = shards[(j, lo, hi)]["features"]
+            if cache is not None:
+                cache.save(keys[j], feats, {"layers": layers or "all", "projector": projector.spec(), "n": n})
+        pg = torch.from_numpy(shards[own[0]]["projected_G"])
+        D[j] = (pg @ torch.from_numpy(feats).T).numpy()
     # contributions: C = −Σ_j W_j ⊙ rule(D_j, D_j+1)   (∇ℓ is a loss gradient: minus sign)
     Cm = np.zeros((Q, n))
     for j in range(K):
@@ -591,78 +615,66 @@ def checkpoint_kernel(model, record: Record, query: Query, *, measurement: str =
     if projector is not None:
         warnings.append(f"projected gradients ({projector.kind}, dim {projector.dim}, seed {projector.seed}): "
                         "inner products are approximate (JL error ≈ ‖a‖‖b‖·√(2/dim))")
-    warnings += gc.warnings
+    warnings += merged_warnings(backend_warnings, shards)
     return KernelAttribution(
         mode="checkpoints", kernel=f"checkpoints/{K + 1}" + ("~approx" if reasons else ""), decomposition=True,
         measurement=measurement, query=_query_meta(query, measurement), b=b, m_final=m_final, delta_m=dm,
         contributions=Cm[q].copy(), all_contributions={nm: Cm[k].copy() for k, nm in enumerate(query.names)},
         residual=float(dm - tot), completeness=(tot / dm) if dm != 0 else None, times_used=times, pairs=pairs,
-        steps=T, checkpoints=tuple(bounds), layers=layers or "all", backend=gc.backend or backend,
+        steps=T, checkpoints=tuple(bounds), layers=layers or "all", backend=job.backend,
         warnings=tuple(dict.fromkeys(warnings)),
         diagnostics={"rule": rule, "checkpoint_steps": bounds,
                      "measurements_at_checkpoints": [float(m[q]) for m in ms]},
     )
 
 
-def _projected_features(space, gc, examples, used, projector, cache_dir, record, layers):
-    """``[n, dim]`` projected per-example gradients at the space's current parameters (cached when asked)."""
+def _cache_key_at(tensors: dict, final: dict, names, tdtype, projector, record, layers, used, n) -> str:
+    """The feature-cache key of one weight point: its tracked parameters (as the work model holds them),
+    the parameter subset, the projector, the examples, the weight model and the used examples."""
     import hashlib
 
     import torch
 
-    n = len(examples)
-    key = None
-    cache = None
-    if cache_dir is not None:
-        from .cache import FeatureCache, cache_key
+    from .cache import cache_key
 
-        cache = FeatureCache(cache_dir)
-        theta_sha = hashlib.sha256(space.get().to(torch.float32).numpy().tobytes()).hexdigest()
-        key = cache_key(theta=theta_sha, layers=layers or "all", projector=projector.spec(),
-                        examples=record.meta.get("examples"), n=n, weight_model=record.weight_model,
-                        used=hashlib.sha256(str(used).encode()).hexdigest(), kind=record.kind)
-        hit = cache.load(key, n, projector.dim)
-        if hit is not None:
-            return hit
-    feats = np.zeros((n, projector.dim))
-    for k in range(0, len(used), 32):
-        part = used[k:k + 32]
-        g = gc([examples[i] for i in part]).double()
-        feats[part] = projector.project(g, space.names, space.numels).numpy()
-    if cache is not None:
-        cache.save(key, feats, {"layers": layers or "all", "projector": projector.spec(), "n": n})
-    return feats
+    flat = torch.cat([tensors.get(nm, final[nm]).detach().reshape(-1).to(tdtype) for nm in names])
+    theta_sha = hashlib.sha256(flat.to(torch.float32).numpy().tobytes()).hexdigest()
+    return cache_key(theta=theta_sha, layers=layers or "all", projector=projector.spec(),
+                     examples=record.meta.get("examples"), n=n, weight_model=record.weight_model,
+                     used=hashlib.sha256(str(list(used)).encode()).hexdigest(), kind=record.kind)
 
 
 # --------------------------------------------------------------------------------------------------
 def tangent_kernel(model, examples: Sequence[Example], query: Query, *, kind: str, pad_token_id: int,
                    measurement: str = "loop", pairs=None, backend: str = "loop", dtype: str = "float64",
-                   layers: str | None = None, warnings: Sequence[str] = ()) -> KernelAttribution:
+                   layers: str | None = None, warnings: Sequence[str] = (), executor=None,
+                   shard_examples: int = SHARD_EXAMPLES, progress=None) -> KernelAttribution:
     """Grad-Dot at the final weights: ``s_i = ∇m(θ_T) · ∇f_i(θ_T)`` with ``f_i = −ℓ_i`` (spec §2.7).
 
     A similarity, not a decomposition: there is no completeness (``completeness=None``, ``b = m(θ_T)``).
+    ``executor``: as in :func:`checkpoint_kernel` (one weight point, sharded by training examples).
     """
-    import torch
+    from .sharding import FeatureJob, merged_warnings, run_feature_job
 
-    work = work_model(model, getattr(torch, dtype))
-    space = ParamSpace(work, layers=layers)
-    gc = GradientComputer(space, kind, pad_token_id, backend)
-    meas = _Measure(space, query)
-    m, G = meas.grad()
     n = len(examples)
+    idx = tuple(i for i in range(n) if examples[i] is not None)
+    job = FeatureJob(kind=kind, pad_token_id=int(pad_token_id), query=query, examples=tuple(examples), used=idx,
+                     points=(("final", 0),), record=None, layers=layers, dtype=dtype, backend=backend,
+                     projector=None, key="")
+    job, shards, backend_warnings = run_feature_job(model, job, executor=executor, shard_examples=shard_examples,
+                                                    progress=progress)
     S = np.zeros((len(query.names), n))
-    idx = [i for i in range(n) if examples[i] is not None]
-    for k in range(0, len(idx), 32):
-        part = idx[k:k + 32]
-        g = gc([examples[i] for i in part]).double()
-        S[:, part] = -(G @ g.T).numpy()
+    for _, lo, hi in sorted(shards):
+        S[:, list(idx[lo:hi])] = -shards[(0, lo, hi)]["dots"]
+    m = shards[min(shards)]["m"]
     q = _pick(query, measurement)
     w = list(warnings) + ["final mode: tangent-kernel similarity at the final weights (Grad-Dot), not a "
-                          "decomposition of the output; amounts do not add up to anything"] + gc.warnings
+                          "decomposition of the output; amounts do not add up to anything"] + \
+        merged_warnings(backend_warnings, shards)
     return KernelAttribution(
         mode="final", kernel=KERNEL_NAMES["final"], decomposition=False, measurement=measurement,
         query=_query_meta(query, measurement), b=float(m[q]), m_final=float(m[q]), delta_m=0.0,
         contributions=S[q].copy(), all_contributions={nm: S[k].copy() for k, nm in enumerate(query.names)},
         residual=float("nan"), completeness=None, pairs=pairs, layers=layers or "all",
-        backend=gc.backend or backend, warnings=tuple(dict.fromkeys(w)),
+        backend=job.backend, warnings=tuple(dict.fromkeys(w)),
     )

@@ -87,6 +87,18 @@ def register(app: typer.Typer) -> None:
         max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", min=1)] = 48,
         revision: Annotated[Optional[str], typer.Option("--revision")] = None,
         trust_remote_code: Annotated[bool, typer.Option("--trust-remote-code")] = False,
+        executor: Annotated[str, typer.Option("--executor", help="Checkpoints/final modes: local (this process) or "
+                                                                 "ray (actors that each hold the model; same "
+                                                                 "bytes). Needs repdiag\\[ray].")] = "local",
+        ray_address: Annotated[Optional[str], typer.Option("--ray-address", help="Ray cluster to join (e.g. auto); "
+                                                                                 "default: start a local Ray.")]
+        = None,
+        workers: Annotated[Optional[int], typer.Option("--workers", min=1, help="Ray actors (default: the "
+                                                                               "cluster's CPUs).")] = None,
+        shard_dir: Annotated[Optional[Path], typer.Option(
+            "--shard-dir", help="Checkpoints/final modes: write each finished feature shard here; a rerun with the "
+                                "same folder loads them instead of recomputing (same bytes). Refused (exit 2) when "
+                                "the folder holds another job's shards.")] = None,
     ) -> None:
         """Attribute a (looping) output to training pairs: proponents, opponents, Δm, residual, mode."""
         from ..attribution.api import MODES, attribute
@@ -100,6 +112,7 @@ def register(app: typer.Typer) -> None:
             raise UsageError("pass exactly one of --query TEXT or --from-report report.json")
         if mode not in MODES:
             raise UsageError(f"unknown --mode {mode!r}; choose from {', '.join(MODES)}")
+        _check_executor(executor, ray_address, workers)
         extra: dict = {}
         if model in ("default", "") and train is None:  # the bundled model ships its pairs, record and cache
             from ..attribution.api import cache_settings
@@ -145,9 +158,14 @@ def register(app: typer.Typer) -> None:
             if not STATE.quiet:
                 stderr.print(f"[yellow]note:[/] {msg}", highlight=False)
 
-        res = attribute(lm.model, q, record=rec, train=pairs, tokenizer=lm.tokenizer, mode=mode,
-                        measurement=measurement, backend=backend, layers=layers, eos_token_id=lm.eos_token_id,
-                        pad_token_id=lm.pad_token_id, notify=note, **extra)
+        ex = _make_executor(executor, ray_address, workers, shard_dir, lm, trust_remote_code)
+        try:
+            res = attribute(lm.model, q, record=rec, train=pairs, tokenizer=lm.tokenizer, mode=mode,
+                            measurement=measurement, backend=backend, layers=layers, eos_token_id=lm.eos_token_id,
+                            pad_token_id=lm.pad_token_id, notify=note, executor=ex, **extra)
+        finally:
+            if ex is not None:
+                ex.close()
         if dump is not None:
             from ..attribution.dump import write_dump
 
@@ -160,6 +178,31 @@ def register(app: typer.Typer) -> None:
             print_json(res.to_dict(top, include_contributions=True))
             return
         _print_table(res, top)
+
+
+def _check_executor(name: str, address: Optional[str], workers: Optional[int]) -> None:
+    """Raise UsageError for an unknown executor or Ray options without ``--executor ray``."""
+    from ..errors import UsageError
+    from ..executors import EXECUTORS
+
+    if name.lower() not in EXECUTORS:
+        raise UsageError(f"unknown --executor {name!r}: use local or ray")
+    if name.lower() == "local" and (address is not None or workers is not None):
+        raise UsageError("--ray-address and --workers need --executor ray")
+
+
+def _make_executor(name: str, address: Optional[str], workers: Optional[int], shard_dir: Optional[Path], lm,
+                   trust_remote_code: bool):
+    """None (this process, no shard folder), or the executor of ``--executor`` / ``--shard-dir``.
+
+    Ray actors load the model as the driver did (id, revision, dtype), once per actor.
+    """
+    from ..executors import get_executor, model_spec
+
+    if name.lower() == "local":
+        return None if shard_dir is None else get_executor("local", shard_dir=shard_dir)
+    return get_executor("ray", address, workers, shard_dir=shard_dir,
+                        model=model_spec(lm, trust_remote_code=trust_remote_code))
 
 
 def _fmt(x) -> str:

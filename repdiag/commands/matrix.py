@@ -40,9 +40,10 @@ def register(app: typer.Typer) -> None:
         device: Annotated[str, typer.Option("--device", help="cpu, cuda, mps or auto.")] = "cpu",
         dtype: Annotated[str, typer.Option("--dtype", help="float32, float64, float16, bfloat16 or auto.")] = "float32",
         trust_remote_code: Annotated[bool, typer.Option("--trust-remote-code", help="Run code shipped with a hub model.")] = False,
-        executor: Annotated[str, typer.Option("--executor", help="Probe: local (this process) or ray (actors that each hold the model; same bytes). Needs repdiag[ray].")] = "local",
+        executor: Annotated[str, typer.Option("--executor", help="Probe: local (this process) or ray (actors that each hold the model; same bytes). Needs repdiag\\[ray].")] = "local",
         ray_address: Annotated[Optional[str], typer.Option("--ray-address", help="Ray cluster to join (e.g. auto, ray://host:10001); default: start a local Ray.")] = None,
         workers: Annotated[Optional[int], typer.Option("--workers", min=1, help="Ray actors (default: the cluster's CPUs).")] = None,
+        shard_dir: Annotated[Optional[Path], typer.Option("--shard-dir", help="Probe: write each finished shard here; a rerun with the same folder loads them instead of recomputing (same bytes). Refused (exit 2) when the folder holds another job's shards.")] = None,
     ) -> None:
         """Build the transition matrix of MODEL and write it as .npz."""
         from ..errors import UsageError
@@ -53,7 +54,7 @@ def register(app: typer.Typer) -> None:
         if mode is Mode.probe and order not in (None, 1):
             raise UsageError("--mode probe builds order-1 rows: use --mode trace for --order ≥ 2")
         modes = [m.strip() for m in trace_modes.split(",") if m.strip()]
-        ex = _make_executor(executor, ray_address, workers, mode, trust_remote_code)
+        ex = _make_executor(executor, ray_address, workers, mode, trust_remote_code, shard_dir)
         try:
             lm = load_model(model, revision=revision, device=device, dtype=dtype, trust_remote_code=trust_remote_code)
             with progress_bar() as bar:
@@ -128,21 +129,24 @@ def register(app: typer.Typer) -> None:
     app.add_typer(sub, name="matrix")
 
 
-def _make_executor(name: str, address: Optional[str], workers: Optional[int], mode: Mode, trust_remote_code: bool) -> Any:
-    """None for the plain local path; a RayExecutor for ``--executor ray`` (probe mode only, for now)."""
+def _make_executor(name: str, address: Optional[str], workers: Optional[int], mode: Mode, trust_remote_code: bool,
+                   shard_dir: Optional[Path] = None) -> Any:
+    """None for the plain local path; a LocalExecutor with a shard folder for ``--shard-dir``; a RayExecutor
+    for ``--executor ray`` (probe mode only, for now)."""
     from ..errors import UsageError
     from ..executors import EXECUTORS, get_executor
 
     name = name.lower()
     if name not in EXECUTORS:
         raise UsageError(f"unknown --executor {name!r}: use local or ray")
-    if name == "local":
-        if address is not None or workers is not None:
-            raise UsageError("--ray-address and --workers need --executor ray")
+    if name == "local" and (address is not None or workers is not None):
+        raise UsageError("--ray-address and --workers need --executor ray")
+    if mode is not Mode.probe and (name == "ray" or shard_dir is not None):
+        raise UsageError("--executor ray and --shard-dir shard the probe: use --mode probe (trace runs locally)")
+    if name == "local" and shard_dir is None:
         return None
-    if mode is not Mode.probe:
-        raise UsageError("--executor ray distributes the probe for now: use --mode probe (trace runs locally)")
-    return get_executor("ray", address, workers, trust_remote_code=trust_remote_code)
+    return get_executor(name, address, workers, shard_dir=shard_dir,
+                        **({"trust_remote_code": trust_remote_code} if name == "ray" else {}))
 
 
 def _fmt(v: Any) -> str:
