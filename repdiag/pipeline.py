@@ -209,12 +209,13 @@ def _load_prompt_sets(options: AnalyzeOptions, lm: Any) -> tuple[Any, Any, dict[
 
 
 def _simulate_all(chain: Any, policies: Sequence[Any], lm: Any, trace_prompts: Any, measure_prompts: Any,
-                  options: AnalyzeOptions, stages: Stages, timings: dict[str, float]) -> tuple[dict, dict, Any, dict]:
+                  options: AnalyzeOptions, stages: Stages, timings: dict[str, float],
+                  executor: Any = None) -> tuple[dict, dict, Any, dict]:
     """Chain-simulation predictions (§7.1) of every per-step policy: (means, standard errors, reach, columns).
 
     The rows the simulations step on that the trace never visited are probed as they are reached
     (``simulate.simulate_reaching``, at most ``options.max_probe_rows``, conditioned on the first two
-    trace prompts); the returned ``ReachOutcome`` holds the filled chain.
+    trace prompts; on ``executor`` when one is given); the returned ``ReachOutcome`` holds the filled chain.
     """
     from . import metrics as metrics_mod
     from .measure import sentence_end_ids
@@ -249,7 +250,7 @@ def _simulate_all(chain: Any, policies: Sequence[Any], lm: Any, trace_prompts: A
     def fill(current: Any, tokens: np.ndarray) -> Any:
         t0 = time.perf_counter()
         stages.start(f"probing the {len(tokens)} unvisited rows the simulation reached", total=None)
-        filled = fill_rows(current, lm, tokens, probe_prompts, batch_size=64)
+        filled = fill_rows(current, lm, tokens, probe_prompts, batch_size=64, executor=executor)
         timings["probe_reached_rows"] = timings.get("probe_reached_rows", 0.0) + time.perf_counter() - t0
         stages.start("simulating again the policies that reached them", total=None)
         return filled
@@ -430,8 +431,9 @@ def _build_chain(lm: Any, trace_prompts: Any, options: AnalyzeOptions, stages: S
 def run_analysis(options: AnalyzeOptions, stages: Stages | None = None) -> AnalysisResult:
     """Run the whole analysis and return the report; nothing is written here (see :func:`write_outputs`).
 
-    With ``options.executor == "ray"`` the measurement's ``generate()`` batches run on Ray actors (same
-    batches and seeds, merged by batch index: the same report); everything else runs here.
+    With ``options.executor == "ray"`` the measurement's ``generate()`` batches and the probe of the rows
+    the simulation reaches run on Ray actors (same batches and seeds, merged by batch index / token
+    range: the same report); the trace, the bounds and the simulation run here.
     """
     from .mitigations import resolve_mitigations
 
@@ -485,8 +487,8 @@ def _run_analysis(options: AnalyzeOptions, stages: Stages, timings: dict[str, fl
     measured = {r.policy: r.report_metrics() for r in runs}
     measured_se = {r.policy: {k: r.stderr.get(k) for k in PREDICTED_METRICS} for r in runs}
     with _timed(timings, "simulate"):
-        predicted, predicted_se, reach, sim_columns = _simulate_all(chain, measurable, lm, trace_prompts, measure_prompts, options,
-                                                       stages, timings)
+        predicted, predicted_se, reach, sim_columns = _simulate_all(chain, measurable, lm, trace_prompts, measure_prompts,
+                                                                    options, stages, timings, executor)
     coverage = reach.chain.coverage()
     matrix_section.update(coverage=coverage, coverage_rows=coverage.get("rows_visited"),
                           coverage_mass=coverage.get("mass_visited"))

@@ -1647,10 +1647,20 @@ def _rank_unvisited(store: _RowStore, unvisited: np.ndarray, V: int, budget: int
 
 
 def _probe_into(lm: "LoadedModel", store: _RowStore, tokens: np.ndarray, prompts: Sequence[str], *,
-                batch_size: int = 64) -> np.ndarray:
-    """Probe ``tokens`` into ``store``; returns their row logit shifts (mean log-normaliser over prompts)."""
+                batch_size: int = 64, executor: Any = None) -> np.ndarray:
+    """Probe ``tokens`` into ``store``; returns their row logit shifts (mean log-normaliser over prompts).
+
+    ``executor``: the rows are probed in shards of whole batches (:func:`probe_shard`) and merged as
+    :func:`build_probe` does, so the rows are the same bytes as in this process.
+    """
     import torch
 
+    if executor is not None:
+        shift = np.full(lm.vocab_size, np.nan)
+        shards = executor.probe_shards(lm, list(prompts), np.asarray(tokens, dtype=np.int64), top_k=store.K,
+                                       batch_size=batch_size)
+        merge_probe_shards(store, shift, None, shards)
+        return shift[np.asarray(tokens, dtype=np.int64)]
     shifts = np.full(len(tokens), np.nan)
     pos = 0
     with torch.inference_mode():
@@ -1665,11 +1675,12 @@ def _probe_into(lm: "LoadedModel", store: _RowStore, tokens: np.ndarray, prompts
 
 
 def fill_rows(tm: TransitionMatrix, lm: "LoadedModel", tokens: Sequence[int] | np.ndarray,
-              prompts: Sequence[str] | None = None, *, batch_size: int = 64) -> TransitionMatrix:
+              prompts: Sequence[str] | None = None, *, batch_size: int = 64, executor: Any = None) -> TransitionMatrix:
     """Probe the 1-gram rows ``tokens`` that are still missing and return a new matrix with them.
 
-    For the analysis that probes only the rows the simulation or the greedy closure reaches (up to
-    ``--max-probe-rows``): call with the missing states it hit. Rows already built are left alone.
+    For the analysis that probes only the rows the simulation reaches (up to ``--max-probe-rows``,
+    ``simulate.simulate_reaching``): call with the missing states it hit. Rows already built are left
+    alone. ``executor`` (e.g. Ray): the probe runs in shards there, with the same bytes.
     """
     if tm.row_source is None:
         return tm
@@ -1691,7 +1702,7 @@ def fill_rows(tm: TransitionMatrix, lm: "LoadedModel", tokens: Sequence[int] | n
             store.source[s] = tm.row_source[s]
     if prompts is None:
         prompts = BUILTIN_PROMPTS
-    shifts = _probe_into(lm, store, toks, list(prompts), batch_size=batch_size)
+    shifts = _probe_into(lm, store, toks, list(prompts), batch_size=batch_size, executor=executor)
     new = TransitionMatrix(np.zeros((0, 0)), np.zeros(tm.n_states), tm.eos_index, tm.state_tokens.copy(),
                            dict(tm.meta), visits=None if tm.visits is None else tm.visits.copy())
     new = store.assemble(new, tm.is_dense)

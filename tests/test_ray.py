@@ -160,20 +160,28 @@ def test_ray_worker_killed_mid_build_same_result(ray_cluster, tiny_t5, tmp_path)
 
 
 def test_ray_analyze_same_report_bytes(ray_cluster, tmp_path, monkeypatch):
-    """`repdiag analyze --executor ray`: generate() batches on two nodes, same report.json bytes."""
+    """`repdiag analyze --executor ray`: generate() batches and the probe of the rows the simulation
+    reaches on two nodes, same report.json bytes."""
     from repdiag.cli import main
     from repdiag.executors import RayExecutor
     from tiny_models import save_tiny
 
     seen = []
+    probed = []
     real = RayExecutor.generate_batches
+    real_probe = RayExecutor.probe_shards
 
     def spy(self, lm, policy, prompts, batches, kwargs, progress=None):
         out = real(self, lm, policy, prompts, batches, kwargs, progress)
         seen.append((policy.name, sorted(out)))
         return out
 
+    def probe_spy(self, lm, prompts, ids, **kw):
+        probed.append(len(ids))
+        return real_probe(self, lm, prompts, ids, **kw)
+
     monkeypatch.setattr(RayExecutor, "generate_batches", spy)
+    monkeypatch.setattr(RayExecutor, "probe_shards", probe_spy)
 
     folder = save_tiny("gpt2", tmp_path / "gpt2")
     args = ["analyze", str(folder), "--n-prompts", "8", "--max-new-tokens", "8", "--n-trajectories", "16",
@@ -181,6 +189,8 @@ def test_ray_analyze_same_report_bytes(ray_cluster, tmp_path, monkeypatch):
     assert main(args + ["--out", str(tmp_path / "local")]) == 0
     assert main(args + ["--out", str(tmp_path / "ray"), "--executor", "ray", "--workers", "2"]) == 0
     assert [name for name, _ in seen] == ["greedy", "temperature_0.7"] and all(len(b) >= 2 for _, b in seen)
+    report = json.loads((tmp_path / "ray" / "report.json").read_text())
+    assert sum(probed) == report["matrix"]["reached_rows"]["probed"] > 0  # every reached row was probed on Ray
     assert (tmp_path / "ray" / "report.json").read_bytes() == (tmp_path / "local" / "report.json").read_bytes()
 
 

@@ -624,3 +624,17 @@ def test_trace_teacher_forced_pass_in_sub_batches_equals_one_pass(monkeypatch):
     assert split.n_states == whole.n_states
     np.testing.assert_allclose(split.to_dense(), whole.to_dense(), rtol=0, atol=1e-13)
     np.testing.assert_array_equal(split.visits, whole.visits)
+
+
+def test_fill_rows_on_an_executor_gives_the_same_rows():
+    from repdiag.executors import LocalExecutor
+
+    lm = _wrap("gpt2")
+    tm = build_trace(lm, ["a b"], order=2, top_k=3, max_new_tokens=4, modes=("greedy",), probe_fallback=False)
+    missing = np.flatnonzero(tm.missing)[:9]
+    here = fill_rows(tm, lm, missing, ["a b", "c"], batch_size=2)
+    with LocalExecutor(n_shards=3) as ex:
+        sharded = fill_rows(tm, lm, missing, ["a b", "c"], batch_size=2, executor=ex)
+    np.testing.assert_array_equal(sharded.to_dense(), here.to_dense())
+    np.testing.assert_array_equal(sharded.row_logit_shift, here.row_logit_shift)
+    assert (sharded.row_source[missing] == ROW_PROBE).all()
