@@ -90,6 +90,12 @@ class Worker:
 
         return {b: generate_batch(self.lm, policy, prompts, b, **kwargs) for b in batches}
 
+    def trace(self, kwargs, batch, mode, job_seed, prompt_offset):
+        """One trace job (:func:`repdiag.transition.trace_job`); ``kwargs`` are shared by the job's tasks."""
+        from repdiag.transition import trace_job
+
+        return trace_job(self.lm, batch, mode, job_seed, prompt_offset=prompt_offset, **kwargs)
+
     def _module(self) -> Any:
         return getattr(self.lm, "model", self.lm)
 
@@ -188,6 +194,22 @@ class Executor:
 
         self._map(lm, method, shared, [t[1] for t in todo], finished)
         return results
+
+    def trace_jobs(self, lm: "LoadedModel", tasks: Sequence[tuple[list[list[int]], str, int, int]],
+                   kwargs: dict[str, Any], progress: Callable[[int], None] | None = None) -> list[list[dict[str, Any]]]:
+        """:func:`repdiag.transition.trace_job` for every ``(batch, mode, job seed, prompt offset)``, in task order.
+
+        Each job seeds its own sampling, so a job decodes alike on any worker; the caller accumulates
+        the results in task order (the same sums as one process)."""
+        out: dict[int, Any] = {}
+
+        def finished(k: int, blocks: Any) -> None:
+            out[k] = blocks  # keyed by job: a retried job is merged once
+            if progress is not None:
+                progress(1)
+
+        self._map(lm, "trace", (kwargs,), list(tasks), finished)
+        return [out[k] for k in range(len(tasks))]
 
     def probe_shards(self, lm: "LoadedModel", prompts: Sequence[str], ids: np.ndarray, *, top_k: int,
                      batch_size: int, keep_per_prompt: bool = False,

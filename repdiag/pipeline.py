@@ -410,14 +410,15 @@ def token_matrix(tm: Any, max_states: int = 2048) -> tuple[Any, dict[str, Any]]:
     return token_tm, info
 
 
-def _build_chain(lm: Any, trace_prompts: Any, options: AnalyzeOptions, stages: Stages) -> tuple[Any, Any, dict]:
+def _build_chain(lm: Any, trace_prompts: Any, options: AnalyzeOptions, stages: Stages,
+                 executor: Any = None) -> tuple[Any, Any, dict]:
     """The trace-built k-gram chain (§7.1), its order-1 token matrix, and the report's ``matrix`` section."""
     from .transition import build_trace
 
     stages.start("tracing the model on the trace prompts", total=None)
     chain = build_trace(lm, list(trace_prompts.prompts), order=options.order, top_k=options.top_k,
                         modes=("greedy", "sample"), max_new_tokens=options.max_new_tokens, seed=options.seed,
-                        batch_size=options.batch_size, probe_fallback=False)
+                        batch_size=options.batch_size, probe_fallback=False, executor=executor)
     tm, token_info = token_matrix(chain, max_states=options.bound_states)
     described = chain.describe()
     section = {"builder": "trace", "order": chain.order, "top_k": options.top_k, "n_states": chain.n_states,
@@ -431,9 +432,10 @@ def _build_chain(lm: Any, trace_prompts: Any, options: AnalyzeOptions, stages: S
 def run_analysis(options: AnalyzeOptions, stages: Stages | None = None) -> AnalysisResult:
     """Run the whole analysis and return the report; nothing is written here (see :func:`write_outputs`).
 
-    With ``options.executor == "ray"`` the measurement's ``generate()`` batches and the probe of the rows
-    the simulation reaches run on Ray actors (same batches and seeds, merged by batch index / token
-    range: the same report); the trace, the bounds and the simulation run here.
+    With ``options.executor == "ray"`` the trace's decoding jobs, the measurement's ``generate()``
+    batches and the probe of the rows the simulation reaches run on Ray actors (same batches and
+    seeds, merged by job / batch index / token range: the same report); the bounds and the
+    simulation run here.
     """
     from .mitigations import resolve_mitigations
 
@@ -474,7 +476,7 @@ def _run_analysis(options: AnalyzeOptions, stages: Stages, timings: dict[str, fl
                         trust_remote_code=options.trust_remote_code)
     trace_prompts, measure_prompts, prompts_section = _load_prompt_sets(options, lm)
     with _timed(timings, "transition_matrix"):
-        chain, tm, matrix_section = _build_chain(lm, trace_prompts, options, stages)
+        chain, tm, matrix_section = _build_chain(lm, trace_prompts, options, stages, executor)
     with _timed(timings, "bounds"):
         bounds, greedy_layout, spectra, routes = _policy_bounds_summary(tm, policies, options.max_new_tokens, stages)
     matrix_section["bounds_route"] = routes

@@ -1321,6 +1321,84 @@ def _teacher_forced_probs(lm: "LoadedModel", inp, mask, seqs):
     return gen, valid, hist, prefix_len, logits
 
 
+def _trace_job_seed(seed: int, job: int) -> int:
+    """The sampling seed of trace job ``job``: one stream per job, so a job decodes alike in any process."""
+    return int(np.random.SeedSequence([int(seed), int(job)]).generate_state(1)[0])
+
+
+def trace_job(lm: "LoadedModel", batch: list[list[int]], mode: str, job_seed: int, *, prompt_offset: int,
+              max_new_tokens: int, order: int, top_entries: int | None) -> list[dict[str, Any]]:
+    """Decode one batch of tokenized prompts in one mode; return its steps (one shard of :func:`build_trace`).
+
+    ``job_seed`` seeds this batch's sampling alone. One block per teacher-forced sub-batch, with
+    ``sequences`` (mode, prompt index, generated tokens), for an encoder-decoder ``first`` (the sum of
+    the first-step distributions, of their log-normalisers, and their count), and for the steps that
+    count towards a state: ``ctx`` (their last ``order`` tokens, ``-1`` = none), ``lse`` (log-normaliser),
+    ``sq`` (``||p_t||²`` over the entries kept) and either ``probs`` (full rows, ``top_entries=None``)
+    or ``top_v`` / ``top_i`` (the ``top_entries`` largest) and ``eos_p``. Only arrays: a Ray worker's
+    result travels as is, and :func:`build_trace` accumulates the blocks in job order.
+    """
+    import torch
+
+    V = lm.vocab_size
+    eos = lm.eos_token_id
+    blocks: list[dict[str, Any]] = []
+    with torch.inference_mode(), torch.random.fork_rng(devices=[]):
+        torch.manual_seed(job_seed)
+        seqs, inp, mask = _generate(lm, batch, do_sample=(mode == "sample"), max_new_tokens=max_new_tokens)
+        # the teacher-forced pass in sub-batches whose float32 logits stay under TRACE_LOGITS_BYTES
+        rows_per_pass = max(1, int(TRACE_LOGITS_BYTES // (4 * seqs.shape[1] * V)))
+        for sb in range(0, seqs.shape[0], rows_per_pass):
+            part = slice(sb, sb + rows_per_pass)
+            gen, valid, hist, _plen, logits = _teacher_forced_probs(lm, inp[part], mask[part], seqs[part])
+            Bn, T = gen.shape
+            block: dict[str, Any] = {"sequences": [
+                {"mode": mode, "prompt_index": prompt_offset + sb + b, "tokens": gen[b][valid[b]].tolist()}
+                for b in range(Bn)]}
+            blocks.append(block)
+            # history before step t: hist[:, : offset + t]; its last `order` tokens form the context
+            H = hist.shape[1]
+            offset = H - T + 1  # hist index of the token right before step 0 is offset-1
+            bi, ti = torch.nonzero(valid, as_tuple=True)
+            if len(bi) == 0:
+                continue
+            idx_last = (offset - 1 + ti)
+            ctx = torch.full((len(bi), order), -1, dtype=torch.long)
+            for j in range(order):
+                pos = idx_last - (order - 1 - j)
+                okp = pos >= 0
+                ctx[okp, j] = hist[bi[okp], pos[okp]]
+            if lm.kind == "seq2seq":
+                first = ti == 0
+                if bool(first.any()):
+                    first_logits = logits[bi[first], 0].to(torch.float64)
+                    first_lse = torch.logsumexp(first_logits, dim=-1, keepdim=True)
+                    block["first"] = (torch.exp(first_logits - first_lse).sum(dim=0).numpy(),
+                                      float(first_lse.sum()), int(first.sum()))
+            ctx_np = ctx.numpy()
+            # a -1 cuts the context: tokens left of it are not history
+            for j in range(order - 2, -1, -1):
+                ctx_np[:, j] = np.where(ctx_np[:, j + 1] < 0, -1, ctx_np[:, j])
+            keep = (ctx_np[:, -1] >= 0) & (ctx_np[:, -1] != eos)
+            step_logits = logits[bi, ti].to(torch.float64)[torch.from_numpy(keep)]
+            step_lse = torch.logsumexp(step_logits, dim=-1, keepdim=True)
+            probs = torch.exp(step_logits - step_lse)
+            ctx_np = ctx_np[keep]
+            if len(ctx_np) == 0:
+                continue
+            block.update(ctx=ctx_np, lse=step_lse.squeeze(-1).numpy())
+            if top_entries is None:
+                block.update(probs=probs.numpy(), sq=(probs * probs).sum(dim=1).numpy())
+            else:
+                top_v, top_i = torch.topk(probs, top_entries, dim=1)
+                top_v, top_i = top_v.numpy(), top_i.numpy()
+                eos_p = probs[:, eos].numpy()
+                # δ̂² over the entries kept (each step's top-4K and eos), like the rows it is compared with
+                sq = (top_v * top_v).sum(axis=1) + np.where((top_i == eos).any(axis=1), 0.0, eos_p * eos_p)
+                block.update(top_v=top_v, top_i=top_i, eos_p=eos_p, sq=sq)
+    return blocks
+
+
 def build_trace(
     lm: "LoadedModel",
     prompts: Sequence[str] | None = None,
@@ -1337,11 +1415,13 @@ def build_trace(
     max_probe_prompts: int = 8,
     storage: str = "auto",
     progress: Callable[[int, int], None] | None = None,
+    executor: Any = None,
 ) -> TransitionMatrix:
     """Trace matrix with k-gram states: decode, then average the step distributions per state.
 
     Each prompt is decoded once per mode (``"greedy"`` and/or ``"sample"`` = ancestral sampling at
-    temperature 1 with ``seed``), then ONE teacher-forced forward pass over the finished sequences gives
+    temperature 1; each batch of ``batch_size`` prompts and mode is a job with its own seed derived from
+    ``seed``, :func:`trace_job`), then ONE teacher-forced forward pass over the finished sequences gives
     every generated step's full next-token distribution ``p_t``. A step whose last ``j`` tokens are
     ``c`` (``j = 1..order``, decoder-side tokens only) counts towards the ``j``-gram state ``c``; the row
     of a state is the mean of its steps' distributions. ``j ≥ 2``-gram states are kept when visited at
@@ -1394,108 +1474,83 @@ def build_trace(
             raise UsageError(f"prompt {n} is empty and the tokenizer adds no BOS token: give every prompt some text")
     jobs = [(mode, lo) for mode in modes for lo in range(0, len(prompts), batch_size)]
     total = len(jobs)
-    with torch.inference_mode(), torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        for done, (mode, lo) in enumerate(jobs):
-            batch = tokenized[lo:lo + batch_size]
-            seqs, inp, mask = _generate(lm, batch, do_sample=(mode == "sample"), max_new_tokens=max_new_tokens)
-            # the teacher-forced pass in sub-batches whose float32 logits stay under TRACE_LOGITS_BYTES
-            rows_per_pass = max(1, int(TRACE_LOGITS_BYTES // (4 * seqs.shape[1] * V)))
-            for sb in range(0, seqs.shape[0], rows_per_pass):
-                part = slice(sb, sb + rows_per_pass)
-                gen, valid, hist, _plen, logits = _teacher_forced_probs(lm, inp[part], mask[part], seqs[part])
-                Bn, T = gen.shape
-                for b in range(Bn):
-                    sequences.append({"mode": mode, "prompt_index": lo + sb + b, "tokens": gen[b][valid[b]].tolist()})
-                # history before step t: hist[:, : offset + t]; its last `order` tokens form the context
-                H = hist.shape[1]
-                offset = H - T + 1  # hist index of the token right before step 0 is offset-1
-                bi, ti = torch.nonzero(valid, as_tuple=True)
-                if len(bi) == 0:
-                    continue
-                idx_last = (offset - 1 + ti)
-                ctx = torch.full((len(bi), order), -1, dtype=torch.long)
-                for j in range(order):
-                    pos = idx_last - (order - 1 - j)
-                    okp = pos >= 0
-                    ctx[okp, j] = hist[bi[okp], pos[okp]]
-                if lm.kind == "seq2seq":
-                    first = ti == 0
-                    if bool(first.any()):
-                        first_logits = logits[bi[first], 0].to(torch.float64)
-                        first_lse = torch.logsumexp(first_logits, dim=-1, keepdim=True)
-                        start_sum += torch.exp(first_logits - first_lse).sum(dim=0)
-                        start_lse += float(first_lse.sum())
-                        start_count += int(first.sum())
-                ctx_np = ctx.numpy()
-                # a -1 cuts the context: tokens left of it are not history
-                for j in range(order - 2, -1, -1):
-                    ctx_np[:, j] = np.where(ctx_np[:, j + 1] < 0, -1, ctx_np[:, j])
-                keep = (ctx_np[:, -1] >= 0) & (ctx_np[:, -1] != eos)
-                keep_t = torch.from_numpy(keep)
-                step_logits = logits[bi, ti].to(torch.float64)[keep_t]
-                step_lse = torch.logsumexp(step_logits, dim=-1, keepdim=True)
-                probs = torch.exp(step_logits - step_lse)
-                step_lse = step_lse.squeeze(-1).numpy()
-                ctx_np = ctx_np[keep]
-                if len(ctx_np) == 0:
-                    continue
-                if exact:
-                    sq = (probs * probs).sum(dim=1).numpy()
-                else:
-                    top_v, top_i = torch.topk(probs, K_acc, dim=1)
-                    top_v, top_i = top_v.numpy(), top_i.numpy()
-                    eos_p = probs[:, eos].numpy()
-                    # δ̂² over the entries kept (each step's top-4K and eos), like the rows it is compared with
-                    sq = (top_v * top_v).sum(axis=1) + np.where((top_i == eos).any(axis=1), 0.0, eos_p * eos_p)
-                sumsq_total += float(sq.sum())
-                full_ctx = ctx_np[:, 0] >= 0
-                sumsq_full += float(sq[full_ctx].sum())
-                n_steps += len(ctx_np)
-                n_steps_full += int(full_ctx.sum())
-                for level in range(1, order + 1):
-                    sub = ctx_np[:, order - level:]
-                    ok = sub[:, 0] >= 0
-                    if not ok.any():
-                        continue
-                    keys = _context_keys(sub[ok], base)
-                    table = slots[level - 1]
-                    ids = np.empty(len(keys), dtype=np.int64)
-                    for m, key in enumerate(keys.tolist()):
-                        slot = table.get(key)
-                        if slot is None:
-                            slot = len(table)
-                            table[key] = slot
-                            counts[level - 1].append(0)
-                        ids[m] = slot
-                    cnt = counts[level - 1]
-                    for s in ids.tolist():
-                        cnt[s] += 1
-                    if len(lse_sums[level - 1]) < len(table):
-                        lse_sums[level - 1] = np.concatenate(
-                            [lse_sums[level - 1], np.zeros(max(len(table), 2 * len(lse_sums[level - 1])) - len(lse_sums[level - 1]))])
-                    np.add.at(lse_sums[level - 1], ids, step_lse[ok])
-                    rows_ok = torch.from_numpy(np.flatnonzero(ok))
-                    if exact:
-                        need = len(table)
-                        acc = dense_sums[level - 1][0] if dense_sums[level - 1] else torch.zeros((0, V), dtype=torch.float64)
-                        if need > acc.shape[0]:
-                            grown = torch.zeros((max(need, 2 * acc.shape[0], 256), V), dtype=torch.float64)
-                            grown[: acc.shape[0]] = acc
-                            acc = grown
-                        acc.index_add_(0, torch.from_numpy(ids), probs[rows_ok])
-                        dense_sums[level - 1] = [acc]
-                    else:
-                        okn = np.flatnonzero(ok)
-                        r = np.repeat(ids, K_acc)
-                        c = top_i[okn].ravel()
-                        v = top_v[okn].ravel()
-                        # eos column explicitly (if outside the top entries it is added; duplicates sum: avoid)
-                        has_eos = (top_i[okn] == eos).any(axis=1)
-                        r = np.concatenate([r, ids[~has_eos]])
-                        c = np.concatenate([c, np.full((~has_eos).sum(), eos)])
-                        v = np.concatenate([v, eos_p[okn][~has_eos]])
-                        sparse_parts[level - 1].append((r, c, v))
+    top_entries = None if exact else K_acc
+    job_kwargs = {"max_new_tokens": int(max_new_tokens), "order": int(order), "top_entries": top_entries}
+    tasks = [(tokenized[lo:lo + batch_size], mode, _trace_job_seed(seed, j), lo) for j, (mode, lo) in enumerate(jobs)]
+
+    def accumulate(block: dict[str, Any]) -> None:
+        nonlocal sumsq_total, sumsq_full, n_steps, n_steps_full, start_lse, start_count
+        sequences.extend(block["sequences"])
+        if "first" in block:
+            first_sum, first_lse_sum, first_count = block["first"]
+            start_sum.add_(torch.from_numpy(first_sum))
+            start_lse += first_lse_sum
+            start_count += first_count
+        if "ctx" not in block:
+            return
+        ctx_np, step_lse, sq = block["ctx"], block["lse"], block["sq"]
+        if exact:
+            probs = torch.from_numpy(block["probs"])
+        else:
+            top_v, top_i, eos_p = block["top_v"], block["top_i"], block["eos_p"]
+        sumsq_total += float(sq.sum())
+        full_ctx = ctx_np[:, 0] >= 0
+        sumsq_full += float(sq[full_ctx].sum())
+        n_steps += len(ctx_np)
+        n_steps_full += int(full_ctx.sum())
+        for level in range(1, order + 1):
+            sub = ctx_np[:, order - level:]
+            ok = sub[:, 0] >= 0
+            if not ok.any():
+                continue
+            keys = _context_keys(sub[ok], base)
+            table = slots[level - 1]
+            ids = np.empty(len(keys), dtype=np.int64)
+            for m, key in enumerate(keys.tolist()):
+                slot = table.get(key)
+                if slot is None:
+                    slot = len(table)
+                    table[key] = slot
+                    counts[level - 1].append(0)
+                ids[m] = slot
+            cnt = counts[level - 1]
+            for s in ids.tolist():
+                cnt[s] += 1
+            if len(lse_sums[level - 1]) < len(table):
+                lse_sums[level - 1] = np.concatenate(
+                    [lse_sums[level - 1], np.zeros(max(len(table), 2 * len(lse_sums[level - 1])) - len(lse_sums[level - 1]))])
+            np.add.at(lse_sums[level - 1], ids, step_lse[ok])
+            rows_ok = torch.from_numpy(np.flatnonzero(ok))
+            if exact:
+                need = len(table)
+                acc = dense_sums[level - 1][0] if dense_sums[level - 1] else torch.zeros((0, V), dtype=torch.float64)
+                if need > acc.shape[0]:
+                    grown = torch.zeros((max(need, 2 * acc.shape[0], 256), V), dtype=torch.float64)
+                    grown[: acc.shape[0]] = acc
+                    acc = grown
+                acc.index_add_(0, torch.from_numpy(ids), probs[rows_ok])
+                dense_sums[level - 1] = [acc]
+            else:
+                okn = np.flatnonzero(ok)
+                r = np.repeat(ids, K_acc)
+                c = top_i[okn].ravel()
+                v = top_v[okn].ravel()
+                # eos column explicitly (if outside the top entries it is added; duplicates sum: avoid)
+                has_eos = (top_i[okn] == eos).any(axis=1)
+                r = np.concatenate([r, ids[~has_eos]])
+                c = np.concatenate([c, np.full((~has_eos).sum(), eos)])
+                v = np.concatenate([v, eos_p[okn][~has_eos]])
+                sparse_parts[level - 1].append((r, c, v))
+
+    if executor is not None:  # the jobs on the executor's workers, accumulated here in job order
+        tick = (lambda n: progress(n, total)) if progress is not None else None
+        for blocks in executor.trace_jobs(lm, tasks, job_kwargs, progress=tick):
+            for block in blocks:
+                accumulate(block)
+    else:
+        for batch, mode, job_seed, lo in tasks:
+            for block in trace_job(lm, batch, mode, job_seed, prompt_offset=lo, **job_kwargs):
+                accumulate(block)
             if progress is not None:
                 progress(1, total)
 
@@ -1584,7 +1639,8 @@ def build_trace(
         cand = _rank_unvisited(store, unvisited, V, max_probe_rows)
         cand = cand[:max_probe_rows]
         if len(cand):
-            probed_shift = _probe_into(lm, store, cand, prompts[:max(1, max_probe_prompts)], batch_size=64)
+            probed_shift = _probe_into(lm, store, cand, prompts[:max(1, max_probe_prompts)], batch_size=64,
+                                       executor=executor)
             shift[cand] = probed_shift
             n_probed = len(cand)
     dense = _want_dense(storage, n_states, K, V)

@@ -133,6 +133,30 @@ def test_ray_probe_cli_same_bytes(ray_cluster, tiny_t5, tmp_path):
     assert load_matrix(dist).meta["builder"] == "probe"
 
 
+def test_ray_trace_cli_same_bytes(ray_cluster, tiny_t5, tmp_path, monkeypatch):
+    """`repdiag matrix build --mode trace --executor ray`: the decoding jobs on two nodes, the same .npz."""
+    from repdiag.cli import main
+    from repdiag.executors import RayExecutor
+
+    jobs = []
+    real = RayExecutor.trace_jobs
+
+    def spy(self, lm, tasks, kwargs, progress=None):
+        jobs.append(len(tasks))
+        return real(self, lm, tasks, kwargs, progress)
+
+    monkeypatch.setattr(RayExecutor, "trace_jobs", spy)
+    local = tmp_path / "local.npz"
+    dist = tmp_path / "ray.npz"
+    base = ["-q", "matrix", "build", str(tiny_t5), "--mode", "trace", "--batch-size", "3", "--max-new-tokens", "6"]
+    assert main(base + ["-o", str(local)]) == 0
+    assert main(base + ["--executor", "ray", "--ray-address", ray_cluster.address, "--workers", "2",
+                        "-o", str(dist)]) == 0
+    assert jobs and jobs[0] >= 4  # greedy and sample jobs of several prompt batches
+    assert _sha(dist) == _sha(local)
+    assert load_matrix(dist).meta["builder"] == "trace"
+
+
 def test_ray_worker_killed_mid_build_same_result(ray_cluster, tiny_t5, tmp_path):
     """SIGKILL one actor's process after the first shard: Ray restarts it, retries its shard, same bytes."""
     from repdiag.executors import RayExecutor
@@ -160,8 +184,8 @@ def test_ray_worker_killed_mid_build_same_result(ray_cluster, tiny_t5, tmp_path)
 
 
 def test_ray_analyze_same_report_bytes(ray_cluster, tmp_path, monkeypatch):
-    """`repdiag analyze --executor ray`: generate() batches and the probe of the rows the simulation
-    reaches on two nodes, same report.json bytes."""
+    """`repdiag analyze --executor ray`: the trace jobs, generate() batches and the probe of the rows
+    the simulation reaches on two nodes, same report.json bytes."""
     from repdiag.cli import main
     from repdiag.executors import RayExecutor
     from tiny_models import save_tiny
@@ -180,8 +204,16 @@ def test_ray_analyze_same_report_bytes(ray_cluster, tmp_path, monkeypatch):
         probed.append(len(ids))
         return real_probe(self, lm, prompts, ids, **kw)
 
+    traced = []
+    real_trace = RayExecutor.trace_jobs
+
+    def trace_spy(self, lm, tasks, kwargs, progress=None):
+        traced.append(len(tasks))
+        return real_trace(self, lm, tasks, kwargs, progress)
+
     monkeypatch.setattr(RayExecutor, "generate_batches", spy)
     monkeypatch.setattr(RayExecutor, "probe_shards", probe_spy)
+    monkeypatch.setattr(RayExecutor, "trace_jobs", trace_spy)
 
     folder = save_tiny("gpt2", tmp_path / "gpt2")
     args = ["analyze", str(folder), "--n-prompts", "8", "--max-new-tokens", "8", "--n-trajectories", "16",
@@ -191,6 +223,7 @@ def test_ray_analyze_same_report_bytes(ray_cluster, tmp_path, monkeypatch):
     assert [name for name, _ in seen] == ["greedy", "temperature_0.7"] and all(len(b) >= 2 for _, b in seen)
     report = json.loads((tmp_path / "ray" / "report.json").read_text())
     assert sum(probed) == report["matrix"]["reached_rows"]["probed"] > 0  # every reached row was probed on Ray
+    assert traced == [4]  # the trace: 4 prompts in batches of 2, greedy and sampled
     assert (tmp_path / "ray" / "report.json").read_bytes() == (tmp_path / "local" / "report.json").read_bytes()
 
 

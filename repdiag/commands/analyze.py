@@ -50,8 +50,9 @@ def analyze(
                                        rich_help_panel="Model")] = "float32",
     trust_remote_code: Annotated[bool, typer.Option("--trust-remote-code", help="Run code shipped with a hub model.",
                                                     rich_help_panel="Model")] = False,
-    executor: Annotated[str, typer.Option("--executor", help="Where generate() runs for the measurement: local "
-                                          "or ray (same report; needs repdiag\\[ray]).", rich_help_panel="Scale")] = "local",
+    executor: Annotated[str, typer.Option("--executor", help="Where the trace jobs, the measurement's "
+                                          "generate() batches and the reached-row probe run: local or ray (same "
+                                          "report; needs repdiag\\[ray]).", rich_help_panel="Scale")] = "local",
     ray_address: Annotated[Optional[str], typer.Option("--ray-address", help="Ray cluster to join; default: start "
                                                        "a local Ray.", rich_help_panel="Scale")] = None,
     workers: Annotated[Optional[int], typer.Option("--workers", min=1, help="Ray actors (default: the cluster's CPUs).",

@@ -35,12 +35,12 @@ def register(app: typer.Typer) -> None:
         seed: Annotated[int, typer.Option("--seed", help="Trace: seed of the temperature-1 sampling run.")] = 0,
         trace_modes: Annotated[str, typer.Option("--trace-modes", help="Trace: comma list of greedy,sample.")] = "greedy,sample",
         max_probe_rows: Annotated[int, typer.Option("--max-probe-rows", min=0, help="Trace: unvisited rows filled by the probe, at most.")] = 4096,
-        batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="Probe rows per decoder step.")] = 64,
+        batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="Probe rows per decoder step; trace: prompts per generate() batch (one job each).")] = 64,
         revision: Annotated[Optional[str], typer.Option("--revision", help="Hub revision.")] = None,
         device: Annotated[str, typer.Option("--device", help="cpu, cuda, mps or auto.")] = "cpu",
         dtype: Annotated[str, typer.Option("--dtype", help="float32, float64, float16, bfloat16 or auto.")] = "float32",
         trust_remote_code: Annotated[bool, typer.Option("--trust-remote-code", help="Run code shipped with a hub model.")] = False,
-        executor: Annotated[str, typer.Option("--executor", help="Probe: local (this process) or ray (actors that each hold the model; same bytes). Needs repdiag\\[ray].")] = "local",
+        executor: Annotated[str, typer.Option("--executor", help="local (this process) or ray (actors that each hold the model: probe rows, or trace jobs; same bytes). Needs repdiag\\[ray].")] = "local",
         ray_address: Annotated[Optional[str], typer.Option("--ray-address", help="Ray cluster to join (e.g. auto, ray://host:10001); default: start a local Ray.")] = None,
         workers: Annotated[Optional[int], typer.Option("--workers", min=1, help="Ray actors (default: the cluster's CPUs).")] = None,
         shard_dir: Annotated[Optional[Path], typer.Option("--shard-dir", help="Probe: write each finished shard here; a rerun with the same folder loads them instead of recomputing (same bytes). Refused (exit 2) when the folder holds another job's shards.")] = None,
@@ -69,7 +69,7 @@ def register(app: typer.Typer) -> None:
                 else:
                     tm = build_trace(lm, prompt_list, order=order or 2, top_k=top_k or None, modes=modes,
                                      max_new_tokens=max_new_tokens, seed=seed, max_probe_rows=max_probe_rows,
-                                     progress=tick)
+                                     batch_size=batch_size, progress=tick, executor=ex)
         finally:
             if ex is not None:
                 ex.close()
@@ -131,8 +131,8 @@ def register(app: typer.Typer) -> None:
 
 def _make_executor(name: str, address: Optional[str], workers: Optional[int], mode: Mode, trust_remote_code: bool,
                    shard_dir: Optional[Path] = None) -> Any:
-    """None for the plain local path; a LocalExecutor with a shard folder for ``--shard-dir``; a RayExecutor
-    for ``--executor ray`` (probe mode only, for now)."""
+    """None for the plain local path; a LocalExecutor with a shard folder for ``--shard-dir`` (probe mode);
+    a RayExecutor for ``--executor ray`` (probe rows, or the trace's decoding jobs and probe fallback)."""
     from ..errors import UsageError
     from ..executors import EXECUTORS, get_executor
 
@@ -141,8 +141,8 @@ def _make_executor(name: str, address: Optional[str], workers: Optional[int], mo
         raise UsageError(f"unknown --executor {name!r}: use local or ray")
     if name == "local" and (address is not None or workers is not None):
         raise UsageError("--ray-address and --workers need --executor ray")
-    if mode is not Mode.probe and (name == "ray" or shard_dir is not None):
-        raise UsageError("--executor ray and --shard-dir shard the probe: use --mode probe (trace runs locally)")
+    if mode is not Mode.probe and shard_dir is not None:
+        raise UsageError("--shard-dir keeps probe shards: use --mode probe (a trace job is not resumable)")
     if name == "local" and shard_dir is None:
         return None
     return get_executor(name, address, workers, shard_dir=shard_dir,
