@@ -11,7 +11,7 @@ on the trace prompts (disjoint from the measurement prompts, same seed), and the
 of the two measurements. No predictor can rank the policies better than the measurement agrees with
 itself; when most policies tie near 0 (seq-rep-4 of a model that rarely loops), the ceiling is low too.
 
-    .venv/bin/python benchmarks/bench_prediction.py [--prompts 100] [--max-new-tokens 64] [--model default|tinystories|both]
+    .venv/bin/python benchmarks/bench_prediction.py [--prompts 120] [--max-new-tokens 64] [--model default|tinystories|both]
 """
 
 from __future__ import annotations
@@ -30,7 +30,8 @@ TINYSTORIES = Path(__file__).resolve().parents[2] / "shared" / "models" / "tinys
 SUBJECTS = ("The dog", "A little girl", "Tom", "The cat", "Lily", "A big bear", "The old man", "Sue and Ben",
             "The bird", "A small boy", "Mom", "The fish", "Tim", "The princess")
 OPENINGS = ("{s} went to the park", "Once upon a time, {s}", "{s} was very happy", "One day, {s} saw",
-            "{s} wanted to play", "{s} found a box", "{s} liked to")
+            "{s} wanted to play", "{s} found a box", "{s} liked to", "{s} was sad because",
+            "After lunch, {s}")
 
 
 def story_prompts(n: int) -> list[str]:
@@ -98,7 +99,8 @@ def show(name: str, report: dict) -> None:
 
 def main_cli() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--prompts", type=int, default=100)
+    parser.add_argument("--prompts", type=int, default=120, help="prompts in all, half trace and half measurement "
+                        f"(at most {len(OPENINGS) * len(SUBJECTS)} story prompts for TinyStories)")
     parser.add_argument("--max-new-tokens", type=int, default=64)
     parser.add_argument("--model", choices=("default", "tinystories", "both"), default="both")
     args = parser.parse_args()

@@ -231,16 +231,20 @@ def _simulate_all(chain: Any, policies: Sequence[Any], lm: Any, trace_prompts: A
     else:
         starts = [lm.tokenizer(p, truncation=True, max_length=lm.max_source_tokens)["input_ids"] for p in measure_prompts.prompts]
     simulable = [p for p in policies if is_simulable(p)]
-    columns: dict[str, int] = {}
+    columns: dict[str, int | None] = {}
+    extra_ids = np.array([lm.eos_token_id, lm.pad_token_id])
+    if first_scores is not None:  # a large vocabulary's simulation keeps each input's likeliest first tokens
+        k = min(options.top_k, first_scores.shape[1])
+        extra_ids = np.union1d(extra_ids, np.argpartition(first_scores, -k, axis=1)[:, -k:])
 
     def run(policy: Any) -> Callable[[Any], Any]:
         def simulate(view: Any) -> Any:
-            vocabulary = simulation_vocabulary(view, starts, (lm.eos_token_id, lm.pad_token_id))
+            vocabulary = simulation_vocabulary(view, starts, extra_ids)
             result = simulate_policy(view, policy, starts=starts, n_trajectories=options.n_trajectories,
                                      max_new_tokens=options.max_new_tokens, eos_token_id=lm.eos_token_id,
                                      pad_token_id=lm.pad_token_id, seed=options.seed, first_scores=first_scores,
                                      vocabulary=vocabulary)
-            columns[policy.name] = lm.vocab_size if vocabulary is None else len(vocabulary)
+            columns[policy.name] = None if vocabulary is None else len(vocabulary)
             stages.advance()
             return result
         return simulate
@@ -269,13 +273,16 @@ def _simulate_all(chain: Any, policies: Sequence[Any], lm: Any, trace_prompts: A
                                                               "length")}
         predicted[policy.name]["n_trajectories"] = result.n_trajectories
         stderr[policy.name] = {k: se.get(k) for k in PREDICTED_METRICS}
-    return predicted, stderr, reach, _vocabulary_section(reach.chain, max(columns.values(), default=lm.vocab_size))
+    restricted = [n for n in columns.values() if n is not None]
+    return predicted, stderr, reach, _vocabulary_section(reach.chain, max(restricted) if restricted else None)
 
 
-def _vocabulary_section(chain: Any, n_columns: int) -> dict[str, Any]:
-    """How much of the vocabulary the simulation sampled from (``simulate.simulation_vocabulary``)."""
-    full = n_columns >= chain.vocab_size
-    section: dict[str, Any] = {"mode": "full" if full else "stored entries", "columns": int(n_columns),
+def _vocabulary_section(chain: Any, n_columns: int | None) -> dict[str, Any]:
+    """How much of the vocabulary the simulation sampled from (``simulate.simulation_vocabulary``;
+    ``n_columns`` None: all of it)."""
+    full = n_columns is None
+    section: dict[str, Any] = {"mode": "full" if full else "stored entries",
+                               "columns": int(chain.vocab_size if full else n_columns),
                                "vocab_size": int(chain.vocab_size)}
     if not full:  # the residual mass the simulation leaves out, visit-weighted over the traced rows
         w = np.asarray(chain.visits, dtype=np.float64)

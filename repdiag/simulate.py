@@ -69,17 +69,19 @@ def is_simulable(policy: "Policy") -> bool:
 FULL_VOCABULARY_MAX = 16_384
 
 
-def simulation_vocabulary(chain: Any, starts: Sequence[Sequence[int]], special_ids: Sequence[int]) -> np.ndarray | None:
+def simulation_vocabulary(chain: Any, starts: Sequence[Sequence[int]], extra_ids: Sequence[int] | np.ndarray,
+                          ) -> np.ndarray | None:
     """The simulation's columns: ``None`` (every token) up to :data:`FULL_VOCABULARY_MAX` tokens.
 
     Above it, the sorted union of the chain's stored entries (``chain.support()``), the start tokens
-    and ``special_ids`` (``<eos>``, padding): the rows' residual mass, spread over hundreds of
-    thousands of tokens, is left out (see ``TransitionMatrix.next_distribution``'s ``columns``).
+    and ``extra_ids`` (``<eos>``, padding, an encoder-decoder's likeliest first tokens): the rows'
+    residual mass, spread over hundreds of thousands of tokens, is left out (see
+    ``TransitionMatrix.next_distribution``'s ``columns``).
     """
     if chain.vocab_size <= FULL_VOCABULARY_MAX:
         return None
     start_ids = np.fromiter((t for s in starts for t in s), dtype=np.int64)
-    return np.union1d(np.union1d(chain.support(), start_ids), np.asarray(special_ids, dtype=np.int64))
+    return np.union1d(np.union1d(chain.support(), start_ids), np.asarray(extra_ids, dtype=np.int64).ravel())
 
 
 def compact_id(vocabulary: np.ndarray, token: int) -> int:

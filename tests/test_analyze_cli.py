@@ -168,3 +168,19 @@ def test_stages_are_logged_one_line_each_when_stderr_is_not_a_terminal(tmp_path,
     assert stages[0] == "loading the model" and "simulating the chain under each policy" in stages
     seconds = [float(ln[1:].split(" s]")[0]) for ln in lines]
     assert seconds == sorted(seconds)
+
+
+@pytest.mark.parametrize("arch", ["t5", "gpt2"])
+def test_large_vocabulary_simulation_mode(tmp_path, monkeypatch, arch):
+    """Above FULL_VOCABULARY_MAX tokens the simulation samples the chain's stored entries only."""
+    import repdiag.simulate as sim
+
+    monkeypatch.setattr(sim, "FULL_VOCABULARY_MAX", 10)  # the tiny models' 32 tokens count as "large"
+    folder = save_tiny(arch, tmp_path / arch)
+    code, report = run_analyze(tmp_path, str(folder), "--top-k", "6")
+    assert code == 0
+    vocab = report["prediction"]["simulation_vocabulary"]
+    assert vocab["mode"] == "stored entries" and vocab["columns"] <= vocab["vocab_size"] == 32
+    assert 0.0 <= vocab["residual_left_out_mean"] < 1.0
+    for values in report["predicted"].values():
+        assert 0.0 <= values["rep_w16"] <= 1.0 and 0.0 <= values["nonterminated"] <= 1.0
