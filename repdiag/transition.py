@@ -1483,14 +1483,14 @@ def build_trace(
         sequences.extend(block["sequences"])
         if "first" in block:
             first_sum, first_lse_sum, first_count = block["first"]
-            start_sum.add_(torch.from_numpy(first_sum))
+            start_sum.add_(torch.from_numpy(np.require(first_sum, requirements="W")))  # Ray's arrays are read-only
             start_lse += first_lse_sum
             start_count += first_count
         if "ctx" not in block:
             return
         ctx_np, step_lse, sq = block["ctx"], block["lse"], block["sq"]
         if exact:
-            probs = torch.from_numpy(block["probs"])
+            probs = torch.from_numpy(np.require(block["probs"], requirements="W"))
         else:
             top_v, top_i, eos_p = block["top_v"], block["top_i"], block["eos_p"]
         sumsq_total += float(sq.sum())
