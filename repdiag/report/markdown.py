@@ -153,6 +153,10 @@ def render_markdown(report: Report, *, max_examples: int = 6, max_cycles: int = 
     if mx.top_k is not None:
         matrix_bits.append(f"top-{mx.top_k} rows")
     matrix_bits.append(f"coverage {_pct(mx.coverage_rows)} of rows, {_pct(mx.coverage_mass)} of mass")
+    reached = mx.extra.get("reached_rows")
+    if isinstance(reached, dict) and reached.get("probed") is not None:
+        matrix_bits.append(f"{format_number(reached['probed'])} unvisited rows probed as the simulation reached them "
+                           f"({format_number(reached.get('rounds'))} rounds)")
     out.append("Transition matrix: " + ", ".join(matrix_bits) + ".")
     if pr.split_rule:
         out.append(f"Prompt split: {_esc(pr.split_rule)} (source: {_esc(pr.source)}).")
