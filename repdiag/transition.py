@@ -336,8 +336,8 @@ class TransitionMatrix:
 
     def next_logprobs(self, contexts: np.ndarray, columns: np.ndarray | None = None) -> np.ndarray:
         """``log`` of :meth:`next_distribution` (``-inf`` where the probability is 0)."""
-        with np.errstate(divide="ignore"):
-            return np.log(self.next_distribution(contexts, columns))
+        p = self.next_distribution(contexts, columns)
+        return np.log(p, out=np.full_like(p, -np.inf), where=p > 0)  # the log of the non-zeros only
 
     def next_logits(self, contexts: np.ndarray, columns: np.ndarray | None = None) -> np.ndarray:
         """Logit-scale scores ``log p + c_s`` (``c_s`` = :attr:`row_logit_shift`, 0 where unknown).
