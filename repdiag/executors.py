@@ -14,6 +14,9 @@ restarted actor, and the merge keys results by shard so none is counted twice.
 Shard folder (``shard_dir``, :mod:`repdiag.shards`): each finished shard is written atomically as it
 arrives, with a manifest that fingerprints the job; a rerun with the same folder loads the shards
 present and computes only the others (with either executor), and a folder of another job is refused.
+The probe, the trace jobs (one shard per job) and the measurement's ``generate()`` batches (one shard
+per batch) are stored this way. ``job_folders=True`` (``repdiag analyze``, several jobs in one run): each
+job in its own subfolder, ``trace``, ``measure-<policy>`` and ``probe-<job fingerprint>``.
 
 Same bytes: each probe shard is a whole number of probe batches and each attribution shard a whole
 number of gradient chunks, so every number is computed from the same inputs as in the single-process
@@ -24,7 +27,9 @@ count), overridable with ``threads``.
 from __future__ import annotations
 
 import hashlib
+import json
 import os
+import re
 from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 import numpy as np
@@ -53,6 +58,30 @@ def model_spec(lm: "LoadedModel", *, trust_remote_code: bool = False) -> dict[st
                          "to RayExecutor or load the model from a hub id / folder")
     return {"name_or_path": lm.model_id, "revision": lm.revision, "device": str(lm.device),
             "dtype": str(lm.dtype).replace("torch.", ""), "trust_remote_code": bool(trust_remote_code)}
+
+
+def _model_fields(lm: "LoadedModel") -> dict[str, Any]:
+    """What a stored job's results depend on in the model (part of its fingerprint)."""
+    return {"model_id": lm.model_id, "revision": lm.revision, "dtype": str(lm.dtype).replace("torch.", ""),
+            "device": str(lm.device), "tokenizer": lm.tokenizer_fingerprint, "vocab_size": int(lm.vocab_size)}
+
+
+def _describe(value: Any) -> Any:
+    """A JSON value describing ``value`` for a fingerprint: itself when plain, else its type and plain fields."""
+    if isinstance(value, np.generic):
+        value = value.item()
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    if isinstance(value, (list, tuple)):
+        return [_describe(v) for v in value]
+    if isinstance(value, dict):
+        return {str(k): _describe(v) for k, v in sorted(value.items(), key=lambda kv: str(kv[0]))}
+    kind = value if isinstance(value, type) else type(value)
+    out: dict[str, Any] = {"type": f"{kind.__module__}.{kind.__qualname__}"}
+    if not isinstance(value, type) and hasattr(value, "__dict__"):  # e.g. a logits processor's settings
+        out["fields"] = {k: v for k, v in sorted(vars(value).items())
+                         if not k.startswith("_") and isinstance(v, (bool, int, float, str, type(None)))}
+    return out
 
 
 def _load(spec: Any) -> "LoadedModel":
@@ -120,16 +149,18 @@ class Executor:
 
     ``shard_dir``: a folder where each finished shard is written (:class:`repdiag.shards.ShardStore`);
     a rerun with the same folder loads those shards instead of recomputing them. ``shards_computed`` /
-    ``shards_loaded`` count both kinds in this executor's jobs.
+    ``shards_loaded`` count both kinds in this executor's jobs. ``job_folders``: one subfolder of
+    ``shard_dir`` per job (for a run of several jobs, e.g. ``repdiag analyze``); else the folder holds one job.
     """
 
     name = "base"
     n_workers = 1
 
-    def __init__(self, shard_dir: str | os.PathLike[str] | None = None) -> None:
+    def __init__(self, shard_dir: str | os.PathLike[str] | None = None, *, job_folders: bool = False) -> None:
         from .shards import ShardStore
 
-        self.store = ShardStore(shard_dir) if shard_dir is not None else None
+        self.store = ShardStore(shard_dir, per_job=job_folders) if shard_dir is not None else None
+        self._job_store = self.store  # the store of the job opened last (open_job)
         self.shards_computed = 0
         self.shards_loaded = 0
 
@@ -155,8 +186,11 @@ class Executor:
         self._map(lm, method, (), [args], out.__setitem__)
         return out[0]
 
-    def open_job(self, fields: dict[str, Any], resolve: Callable[[], dict[str, Any]] | None = None) -> dict[str, Any]:
-        """Start a job: its once-per-job choices (``resolve()``, or those stored in the shard folder)."""
+    def open_job(self, fields: dict[str, Any], resolve: Callable[[], dict[str, Any]] | None = None,
+                 folder: str | None = None) -> dict[str, Any]:
+        """Start a job: its once-per-job choices (``resolve()``, or those stored in the shard folder).
+
+        ``folder``: the job's subfolder when the executor has ``job_folders`` (ignored otherwise)."""
         import torch
 
         from . import __version__
@@ -164,7 +198,8 @@ class Executor:
         if self.store is None:
             return resolve() if resolve is not None else {}
         job = dict(fields, threads=int(self.threads), torch=torch.__version__, repdiag=__version__)
-        return self.store.begin(job, resolve)
+        self._job_store = self.store.job(folder)
+        return self._job_store.begin(job, resolve)
 
     def run_shards(self, lm: Any, method: str, shared: tuple, tasks: Sequence[Task], *,
                    pack: Callable[[Any], dict], unpack: Callable[[dict], Any],
@@ -174,7 +209,7 @@ class Executor:
         results: dict[str, Any] = {}
         todo: list[Task] = []
         for task in tasks:
-            hit = self.store.load(task[0]) if self.store is not None else None
+            hit = self._job_store.load(task[0]) if self._job_store is not None else None
             if hit is None:
                 todo.append(task)
                 continue
@@ -185,8 +220,8 @@ class Executor:
 
         def finished(k: int, result: Any) -> None:
             name, _, weight = todo[k]
-            if self.store is not None:
-                self.store.save(name, pack(result))
+            if self._job_store is not None:
+                self._job_store.save(name, pack(result))
             results[name] = result  # keyed by shard: a retried shard is merged once
             self.shards_computed += 1
             if progress is not None:
@@ -200,7 +235,10 @@ class Executor:
         """:func:`repdiag.transition.trace_job` for every ``(batch, mode, job seed, prompt offset)``, in task order.
 
         Each job seeds its own sampling, so a job decodes alike on any worker; the caller accumulates
-        the results in task order (the same sums as one process)."""
+        the results in task order (the same sums as one process). With a shard folder each job is a
+        shard (``trace-<job>``), stored as plain arrays (:func:`repdiag.shards.pack_trace_job`)."""
+        if self.store is not None:
+            return self._stored_trace_jobs(lm, tasks, kwargs, progress)
         out: dict[int, Any] = {}
 
         def finished(k: int, blocks: Any) -> None:
@@ -211,23 +249,60 @@ class Executor:
         self._map(lm, "trace", (kwargs,), list(tasks), finished)
         return [out[k] for k in range(len(tasks))]
 
+    def _stored_trace_jobs(self, lm, tasks, kwargs, progress):
+        from .shards import pack_trace_job, unpack_trace_job
+
+        tasks = [(list(map(list, batch)), str(mode), int(job_seed), int(lo)) for batch, mode, job_seed, lo in tasks]
+        content = json.dumps([[b, m, s, lo] for b, m, s, lo in tasks], separators=(",", ":"))
+        self.open_job({"job": "trace", **_model_fields(lm), "n_jobs": len(tasks),
+                       "tasks": hashlib.sha256(content.encode("utf-8")).hexdigest(),
+                       "modes": sorted({t[1] for t in tasks}), "seeds": [t[2] for t in tasks],
+                       **{k: _describe(kwargs[k]) for k in sorted(kwargs)}}, folder="trace")
+        named = [(f"trace-{k:05d}", t, 1) for k, t in enumerate(tasks)]
+        out = self.run_shards(lm, "trace", (kwargs,), named, pack=pack_trace_job, unpack=unpack_trace_job,
+                              progress=progress)
+        return [out[name] for name, _, _ in named]
+
+    def _stored_generate_batches(self, lm, policy, prompts, batches, kwargs, progress):
+        """:meth:`generate_batches` through the shard folder: one shard per batch (``batch-<index>``)."""
+        from .shards import pack_generate_shard, unpack_generate_shard
+        from .transition import prompts_fingerprint
+
+        prompts = list(prompts)
+        bs = int(kwargs.get("batch_size", 16))
+        factory = kwargs.get("monitor_factory")
+        settings = {k: _describe(v) for k, v in sorted(kwargs.items()) if k != "monitor_factory"}
+        gen_kwargs = dict(policy.generate_kwargs(eos_token_id=lm.eos_token_id))
+        self.open_job({"job": "measure", **_model_fields(lm), "prompts": prompts_fingerprint(prompts),
+                       "n_prompts": len(prompts), "batches": [int(b) for b in batches],
+                       "policy": policy.name, "params": {k: _describe(v) for k, v in sorted(policy.params.items())},
+                       "generate_kwargs": {k: _describe(v) for k, v in sorted(gen_kwargs.items())},
+                       **settings, "monitor": None if factory is None else _describe(factory)},
+                      folder="measure-" + re.sub(r"[^A-Za-z0-9._-]", "_", policy.name))
+        named = [(f"batch-{int(b):05d}", ([int(b)], kwargs), len(prompts[b * bs:(b + 1) * bs])) for b in batches]
+        out = self.run_shards(lm, "generate", (policy, prompts), named, pack=pack_generate_shard,
+                              unpack=unpack_generate_shard, progress=progress)
+        return {int(b): out[name][int(b)] for (name, _, _), b in zip(named, batches)}
+
     def probe_shards(self, lm: "LoadedModel", prompts: Sequence[str], ids: np.ndarray, *, top_k: int,
                      batch_size: int, keep_per_prompt: bool = False,
                      progress: Callable[[int], None] | None = None) -> list[dict[str, Any]]:
         """:func:`repdiag.transition.probe_shard` results for ``ids`` cut into whole batches, in row order."""
-        from .shards import pack_probe_shard, unpack_probe_shard
+        from .shards import fingerprint, pack_probe_shard, unpack_probe_shard
         from .transition import probe_shards_of, prompts_fingerprint
 
         ids = np.asarray(ids, dtype=np.int64)
         split = self.store.probe_shards if self.store is not None else self._probe_split()
         ranges = probe_shards_of(len(ids), batch_size, split)
-        self.open_job({"job": "probe", "model_id": lm.model_id, "revision": lm.revision,
-                       "dtype": str(lm.dtype).replace("torch.", ""), "device": str(lm.device),
-                       "tokenizer": lm.tokenizer_fingerprint, "vocab_size": int(lm.vocab_size),
-                       "prompts": prompts_fingerprint(list(prompts)), "n_prompts": len(prompts),
-                       "rows": hashlib.sha256(ids.astype("<i8").tobytes()).hexdigest(), "n_rows": len(ids),
-                       "top_k": int(top_k), "batch_size": int(batch_size), "keep_per_prompt": bool(keep_per_prompt),
-                       "ranges": [list(r) for r in ranges]})
+        fields = {"job": "probe", "model_id": lm.model_id, "revision": lm.revision,
+                  "dtype": str(lm.dtype).replace("torch.", ""), "device": str(lm.device),
+                  "tokenizer": lm.tokenizer_fingerprint, "vocab_size": int(lm.vocab_size),
+                  "prompts": prompts_fingerprint(list(prompts)), "n_prompts": len(prompts),
+                  "rows": hashlib.sha256(ids.astype("<i8").tobytes()).hexdigest(), "n_rows": len(ids),
+                  "top_k": int(top_k), "batch_size": int(batch_size), "keep_per_prompt": bool(keep_per_prompt),
+                  "ranges": [list(r) for r in ranges]}
+        # with job folders (analyze: one probe job per round of reached rows) the folder is named by the job
+        self.open_job(fields, folder=f"probe-{fingerprint(fields)[:16]}")
         tasks = [(f"probe-{lo:08d}-{hi:08d}", (ids[lo:hi], top_k, batch_size, keep_per_prompt), hi - lo)
                  for lo, hi in ranges]
         out = self.run_shards(lm, "probe", (list(prompts),), tasks, pack=pack_probe_shard,
@@ -237,7 +312,9 @@ class Executor:
     def generate_batches(self, lm: "LoadedModel", policy: Any, prompts: Sequence[str], batches: Sequence[int],
                          kwargs: dict[str, Any], progress: Callable[[int], None] | None = None,
                          ) -> dict[int, tuple[list, list, list]]:
-        """``{batch index: measure.generate_batch(...)}`` for ``batches``."""
+        """``{batch index: measure.generate_batch(...)}`` for ``batches``.
+
+        With a shard folder each batch is a shard, loaded when present (any executor)."""
         raise NotImplementedError
 
     def close(self) -> None:
@@ -255,8 +332,9 @@ class LocalExecutor(Executor):
 
     name = "local"
 
-    def __init__(self, n_shards: int = 1, *, shard_dir: str | os.PathLike[str] | None = None):
-        super().__init__(shard_dir)
+    def __init__(self, n_shards: int = 1, *, shard_dir: str | os.PathLike[str] | None = None,
+                 job_folders: bool = False):
+        super().__init__(shard_dir, job_folders=job_folders)
         self.n_shards = max(1, int(n_shards))
         self._worker: tuple[Any, Worker] | None = None
 
@@ -274,6 +352,8 @@ class LocalExecutor(Executor):
         self._worker = None  # drops the worker's caches (prompt KV caches, attribution work copy)
 
     def generate_batches(self, lm, policy, prompts, batches, kwargs, progress=None):
+        if self.store is not None:
+            return self._stored_generate_batches(lm, policy, prompts, batches, kwargs, progress)
         from .measure import generate_batch
 
         out = {}
@@ -326,8 +406,8 @@ class RayExecutor(Executor):
                  threads: int | None = None, shards_per_worker: int = 4, num_cpus_per_worker: float = 1,
                  num_gpus_per_worker: float = 0, max_restarts: int = 3, max_task_retries: int = 3,
                  trust_remote_code: bool = False, init_kwargs: dict[str, Any] | None = None,
-                 shard_dir: str | os.PathLike[str] | None = None):
-        super().__init__(shard_dir)
+                 shard_dir: str | os.PathLike[str] | None = None, job_folders: bool = False):
+        super().__init__(shard_dir, job_folders=job_folders)
         ray = _import_ray()
         self.ray = ray
         self._owns_ray = False
@@ -410,6 +490,8 @@ class RayExecutor(Executor):
                   on_result)
 
     def generate_batches(self, lm, policy, prompts, batches, kwargs, progress=None):
+        if self.store is not None:
+            return self._stored_generate_batches(lm, policy, prompts, batches, kwargs, progress)
         batches = list(batches)
         n_groups = max(1, min(len(batches), self.n_workers * self.shards_per_worker))
         groups = [g.tolist() for g in np.array_split(np.asarray(batches, dtype=np.int64), n_groups) if len(g)]
@@ -440,14 +522,17 @@ class RayExecutor(Executor):
 
 
 def get_executor(name: str = "local", address: str | None = None, workers: int | None = None,
-                 shard_dir: str | os.PathLike[str] | None = None, **kwargs: Any) -> Executor:
+                 shard_dir: str | os.PathLike[str] | None = None, job_folders: bool = False,
+                 **kwargs: Any) -> Executor:
     """``local`` or ``ray`` (``address``: a Ray cluster, default a local one; ``workers``: actors;
-    ``shard_dir``: where finished shards are written and, on a rerun, loaded from)."""
+    ``shard_dir``: where finished shards are written and, on a rerun, loaded from; ``job_folders``: one
+    subfolder of it per job)."""
     name = (name or "local").lower()
     if name == "local":
         if address is not None:
             raise UsageError("--ray-address needs --executor ray")
-        return LocalExecutor(shard_dir=shard_dir)
+        return LocalExecutor(shard_dir=shard_dir, job_folders=job_folders)
     if name == "ray":
-        return RayExecutor(address=address, num_workers=workers, shard_dir=shard_dir, **kwargs)
+        return RayExecutor(address=address, num_workers=workers, shard_dir=shard_dir, job_folders=job_folders,
+                           **kwargs)
     raise UsageError(f"unknown --executor {name!r}: use local or ray")

@@ -78,6 +78,8 @@ class AnalyzeOptions:
     executor: str = "local"  # where generate() runs for the measurement: local or ray (same outputs)
     ray_address: str | None = None
     workers: int | None = None
+    # resume from finished shards: the trace jobs, generate() batches and reached-row probes (one subfolder per job)
+    shard_dir: Path | None = None
 
     def __post_init__(self) -> None:
         for name in ("max_new_tokens", "order", "top_k", "n_trajectories", "batch_size", "bound_states"):
@@ -459,14 +461,22 @@ def run_analysis(options: AnalyzeOptions, stages: Stages | None = None) -> Analy
 
 
 def _executor_for(options: AnalyzeOptions) -> Any:
-    """None (this process) or the Ray executor of ``--executor ray``; raises MissingExtraError without Ray."""
+    """None (this process), a local executor with a shard folder (``--shard-dir``), or the Ray executor of
+    ``--executor ray``; raises MissingExtraError without Ray.
+
+    With ``--shard-dir DIR`` each job (the trace, each policy's measurement, each round of reached-row
+    probes) keeps its finished shards in its own subfolder of DIR (``trace``, ``measure-<policy>``,
+    ``probe-<fingerprint>``), so a rerun loads them instead of recomputing."""
     from .executors import get_executor
 
     if (options.executor or "local").lower() == "local":
         if options.ray_address is not None or options.workers is not None:
             raise UsageError("--ray-address and --workers need --executor ray")
-        return None
+        if options.shard_dir is None:
+            return None
+        return get_executor("local", shard_dir=options.shard_dir, job_folders=True)
     return get_executor(options.executor, options.ray_address, options.workers,
+                        shard_dir=options.shard_dir, job_folders=options.shard_dir is not None,
                         trust_remote_code=options.trust_remote_code)
 
 

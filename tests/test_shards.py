@@ -303,3 +303,129 @@ def test_attribute_cli_shard_dir_resume_same_bytes(run32, tmp_path, capsys, monk
     assert main(run32["cli"] + ["--mode", "trapezoid", "--shard-dir", str(tmp_path / "r")]) == 0
     assert "replays the training steps in order" in " ".join(capsys.readouterr().err.split())
     assert not (tmp_path / "r").exists()
+
+
+# ---------------------------------------------------------------------------------------------- analyze
+def _same(a, b) -> bool:
+    """Equal values AND types, recursively (arrays: same dtype, shape and bytes)."""
+    if isinstance(a, np.ndarray) or isinstance(b, np.ndarray):
+        return (type(a) is type(b) and a.dtype == b.dtype and a.shape == b.shape
+                and a.tobytes() == b.tobytes())
+    if type(a) is not type(b):
+        return False
+    if isinstance(a, dict):
+        return list(a) == list(b) and all(_same(a[k], b[k]) for k in a)
+    if isinstance(a, (list, tuple)):
+        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
+    return a == b
+
+
+def test_trace_and_generate_results_round_trip_through_npz(tiny_t5, tmp_path):
+    from repdiag.decoding import parse_policy
+    from repdiag.hook import RepetitionMonitor
+    from repdiag.measure import generate_batch
+    from repdiag.models import load_model
+    from repdiag.shards import pack_generate_shard, pack_trace_job, unpack_generate_shard, unpack_trace_job
+    from repdiag.transition import trace_job
+
+    lm = load_model(str(tiny_t5))
+    store = ShardStore(tmp_path)
+    store.begin({"job": "x"})
+    batch = [lm.tokenizer(p)["input_ids"] for p in ("a b a b", "c d", "e")]
+    for mode, top in (("greedy", None), ("sample", 8)):  # full rows, and the top entries + eos of a large vocabulary
+        blocks = trace_job(lm, batch, mode, 7, prompt_offset=3, max_new_tokens=6, order=2, top_entries=top)
+        assert any("first" in b for b in blocks) and any("ctx" in b for b in blocks)
+        store.save(f"t-{mode}", pack_trace_job(blocks))
+        back = unpack_trace_job(store.load(f"t-{mode}"))
+        assert _same(back, blocks)
+        assert isinstance(back[0]["sequences"][0]["prompt_index"], int) and back[0]["first"][1] == blocks[0]["first"][1]
+    prompts = ["a b a b a b", "c d c d", "e"]
+    part = {1: generate_batch(lm, parse_policy("temperature_0.7"), prompts, 1, max_new_tokens=12, seed=3,
+                              batch_size=2, monitor_factory=RepetitionMonitor)}
+    store.save("g", pack_generate_shard(part))
+    back = unpack_generate_shard(store.load("g"))
+    assert _same(back, part) and len(back[1][0]) == 1
+    loops = {0: ([(4, 5, 4, 5)], [False], [{"tokens": [4, 5], "length": 4, "x": 0.1 + 0.2, "none": None}])}
+    assert _same(unpack_generate_shard(pack_generate_shard(loops)), loops)
+    with pytest.raises(ValueError, match="JSON"):  # a tuple would come back as a list: refused, not altered
+        pack_generate_shard({0: ([()], [True], [{"tokens": (1, 2)}])})
+
+
+def test_analyze_shard_dir_resume_same_report_bytes(tiny_t5, tmp_path, capsys, monkeypatch):
+    """`analyze --shard-dir`: trace jobs, generate() batches and reached-row probes in one subfolder per job;
+    a rerun loads them, one that lost some shards recomputes only those; the report is the same bytes."""
+    from repdiag.cli import main
+    from repdiag.executors import LocalExecutor, Worker
+
+    counters: list[tuple[int, int]] = []
+    real_close = LocalExecutor.close
+
+    def close(self):
+        counters.append((self.shards_computed, self.shards_loaded))
+        real_close(self)
+
+    monkeypatch.setattr(LocalExecutor, "close", close)
+    calls: list[tuple] = []
+    for method, key in (("trace", lambda a: ("trace", a[2], a[4])),
+                        ("generate", lambda a: ("generate", a[0].name, tuple(a[2]))),
+                        ("probe", lambda a: ("probe", int(a[1][0]), int(a[1][-1])))):
+        def spy(self, *args, _real=getattr(Worker, method), _key=key):
+            calls.append(_key(args))
+            return _real(self, *args)
+        monkeypatch.setattr(Worker, method, spy)
+
+    args = ["-q", "analyze", str(tiny_t5), "--n-prompts", "8", "--max-new-tokens", "8", "--n-trajectories", "16",
+            "--mitigations", "greedy,temperature_0.7", "--batch-size", "2", "--no-attribution"]
+    assert main(args + ["--out", str(tmp_path / "ref")]) == 0
+    ref = (tmp_path / "ref" / "report.json").read_bytes()
+    assert calls == [] and counters == []  # without --shard-dir: no executor, as before
+    shards = tmp_path / "shards"
+    assert main(args + ["--out", str(tmp_path / "a"), "--shard-dir", str(shards)]) == 0
+    assert (tmp_path / "a" / "report.json").read_bytes() == ref
+    jobs = sorted(p.name for p in shards.iterdir())
+    probes = [j for j in jobs if j.startswith("probe-")]
+    assert jobs == ["measure-greedy", "measure-temperature_0.7", *probes, "trace"] and len(probes) >= 1
+    files = {j: sorted((shards / j).glob("*.npz")) for j in jobs}
+    # 4 trace prompts in batches of 2, greedy and sampled; 4 measurement prompts in batches of 2 per policy
+    assert [f.name for f in files["trace"]] == [f"trace-{k:05d}.npz" for k in range(4)]
+    assert [f.name for f in files["measure-greedy"]] == ["batch-00000.npz", "batch-00001.npz"]
+    manifest = json.loads((shards / "measure-temperature_0.7" / "manifest.json").read_text())
+    assert manifest["job"]["policy"] == "temperature_0.7" and manifest["job"]["max_new_tokens"] == 8
+    n_total = sum(len(v) for v in files.values())
+    assert counters == [(n_total, 0)] and len(calls) == n_total
+    report = json.loads(ref)
+    assert report["matrix"]["reached_rows"]["probed"] > 0  # the probe job really ran
+
+    # a complete folder: nothing is computed
+    calls.clear()
+    assert main(args + ["--out", str(tmp_path / "b"), "--shard-dir", str(shards)]) == 0
+    assert (tmp_path / "b" / "report.json").read_bytes() == ref
+    assert calls == [] and counters[-1] == (0, n_total)
+
+    # lose one trace job, one generate() batch and one probe shard: only those are recomputed
+    kept = {j: _inodes(shards / j) for j in jobs}
+    gone = [files["trace"][2], files["measure-temperature_0.7"][1], files[probes[0]][0]]
+    for f in gone:
+        f.unlink()
+    calls.clear()
+    assert main(args + ["--out", str(tmp_path / "c"), "--shard-dir", str(shards)]) == 0
+    assert (tmp_path / "c" / "report.json").read_bytes() == ref
+    assert counters[-1] == (3, n_total - 3)
+    assert calls[0] == ("trace", "sample", 0) and calls[1] == ("generate", "temperature_0.7", (1,))
+    assert calls[2][0] == "probe" and len(calls) == 3
+    for j in jobs:  # the shards that were there are not rewritten
+        now = _inodes(shards / j)
+        assert sorted(now) == sorted(kept[j])
+        assert all(now[n] == ino for n, ino in kept[j].items() if n not in {f.name for f in gone})
+
+    # another analysis in the same folder: one-line error, exit 2, no report
+    capsys.readouterr()
+    assert main(["-q", "analyze", str(tiny_t5), "--n-prompts", "8", "--max-new-tokens", "9", "--n-trajectories", "16",
+                 "--mitigations", "greedy,temperature_0.7", "--batch-size", "2", "--no-attribution",
+                 "--out", str(tmp_path / "d"), "--shard-dir", str(shards)]) == 2
+    err = capsys.readouterr().err
+    assert "holds shards of another job" in " ".join(err.split()) and "max_new_tokens" in err
+    assert err.count("error:") == 1 and not (tmp_path / "d" / "report.json").exists()
+    # a file is not a folder
+    (tmp_path / "file").write_text("x")
+    assert main(args + ["--out", str(tmp_path / "e"), "--shard-dir", str(tmp_path / "file")]) == 2

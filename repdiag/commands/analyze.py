@@ -57,6 +57,10 @@ def analyze(
                                                        "a local Ray.", rich_help_panel="Scale")] = None,
     workers: Annotated[Optional[int], typer.Option("--workers", min=1, help="Ray actors (default: the cluster's CPUs).",
                                                    rich_help_panel="Scale")] = None,
+    shard_dir: Annotated[Optional[Path], typer.Option(
+        "--shard-dir", help="Write the finished trace jobs, generate() batches and reached-row probe shards here "
+        "(one subfolder per job); a rerun with the same folder loads them instead of recomputing (same report). "
+        "Refused (exit 2) when the folder holds another analysis' shards.", rich_help_panel="Scale")] = None,
 ) -> None:
     """Analyse MODEL: transition matrix, repetition bounds, measured mitigations, prediction, report."""
     from ..pipeline import AnalyzeOptions, RichStages, run_analysis, write_outputs, render_summary
@@ -66,7 +70,7 @@ def analyze(
         prompts=prompts, trace_prompts=trace_prompts, n_prompts=n_prompts, max_new_tokens=max_new_tokens,
         seed=seed, mitigations=mitigations, order=order, top_k=top_k, max_probe_rows=max_probe_rows,
         bound_states=bound_states, n_trajectories=n_trajectories, batch_size=batch_size, attribute=not no_attribution, out=out,
-        executor=executor, ray_address=ray_address, workers=workers)
+        executor=executor, ray_address=ray_address, workers=workers, shard_dir=shard_dir)
     with RichStages(stderr, disable=STATE.quiet) as stages:
         result = run_analysis(options, stages)
     paths = write_outputs(result, out)
