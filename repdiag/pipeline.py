@@ -75,7 +75,7 @@ class AnalyzeOptions:
     batch_size: int = 16
     attribute: bool = True
     out: Path = Path("repdiag-report")
-    executor: str = "local"  # where generate() runs for the measurement: local or ray (same outputs)
+    executor: str = "local"  # where the trace jobs, generate() batches and reached-row probes run: local or ray
     ray_address: str | None = None
     workers: int | None = None
     # resume from finished shards: the trace jobs, generate() batches and reached-row probes (one subfolder per job)
