@@ -246,22 +246,23 @@ class MissingRowCounter:
         self.vocab_size = chain.vocab_size
         self.hits = np.zeros(chain.n_states, dtype=np.int64)
         self.steps = 0
+        self._missing = chain.missing  # the chain does not change while a simulation reads it
 
-    def _count(self, contexts: np.ndarray) -> None:
+    def _count(self, contexts: np.ndarray) -> np.ndarray:
         states = self.chain.lookup_states(contexts)
         self.steps += int((states != self.chain.eos_index).sum())
-        np.add.at(self.hits, states[self.chain.missing[states]], 1)
+        np.add.at(self.hits, states[self._missing[states]], 1)
+        return states
 
     def support(self) -> np.ndarray:
         return self.chain.support()
 
-    def next_logits(self, contexts: np.ndarray, **kwargs: Any) -> np.ndarray:
-        self._count(contexts)
-        return self.chain.next_logits(contexts, **kwargs)
+    def next_logits(self, contexts: np.ndarray, columns: np.ndarray | None = None) -> np.ndarray:
+        return self.chain.state_logits(self._count(contexts), columns)
 
-    def next_logprobs(self, contexts: np.ndarray, **kwargs: Any) -> np.ndarray:
+    def next_logprobs(self, contexts: np.ndarray, columns: np.ndarray | None = None) -> np.ndarray:
         self._count(contexts)
-        return self.chain.next_logprobs(contexts, **kwargs)
+        return self.chain.next_logprobs(contexts, columns)
 
 
 @dataclass(frozen=True)

@@ -935,23 +935,23 @@ def _greedy_next_csr(Bst: sp.csr_matrix, b: np.ndarray, u: np.ndarray | None) ->
     f[b > rowmax] = n  # <eos> strictly larger (its index n is the highest, so ties stay)
     best = np.maximum(rowmax, b)
     if u is not None and np.any(u > 0):
-        for i in np.flatnonzero(u >= best * (1 - 0) if False else u > 0):
-            if u[i] < best[i]:
-                continue
-            stored = indices[indptr[i] : indptr[i + 1]]
-            j0 = 0
-            for sj in stored:
-                if sj == j0:
-                    j0 += 1
-                elif sj > j0:
-                    break
+        for i in np.flatnonzero((u > 0) & (u >= best)):
+            j0 = _lowest_unstored(indices[indptr[i] : indptr[i + 1]], n)
             if j0 >= n:
                 continue
-            if u[i] > best[i]:
-                f[i] = j0
-            else:
-                f[i] = min(f[i], j0)
+            f[i] = j0 if u[i] > best[i] else min(f[i], j0)
     return f
+
+
+def _lowest_unstored(stored: np.ndarray, n: int) -> int:
+    """The lowest column in ``[0, n)`` not among the sorted ``stored`` columns (``n`` if none)."""
+    j0 = 0
+    for s in stored[stored < n]:
+        if s == j0:
+            j0 += 1
+        elif s > j0:
+            break
+    return j0
 
 
 def _greedy_next_sparse(A: sp.csr_matrix, u: np.ndarray | None) -> np.ndarray:
@@ -980,15 +980,7 @@ def _greedy_next_sparse(A: sp.csr_matrix, u: np.ndarray | None) -> np.ndarray:
     f[~nz] = n  # an empty row: only <eos> (or residual) remains
     if u is not None and np.any(u > 0):
         for i in np.flatnonzero(u > 0):
-            stored = indices[indptr[i] : indptr[i + 1]]
-            stored_ne = stored[stored < n]
-            # lowest unstored non-eos column
-            j0 = 0
-            for s in stored_ne:
-                if s == j0:
-                    j0 += 1
-                elif s > j0:
-                    break
+            j0 = _lowest_unstored(indices[indptr[i] : indptr[i + 1]], n)  # lowest unstored non-eos column
             if j0 >= n:
                 continue
             if u[i] > rowmax[i]:

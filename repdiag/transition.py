@@ -313,7 +313,10 @@ class TransitionMatrix:
         view of a large vocabulary, where a dense ``(B, vocab_size)`` array per step would not fit the
         time (see ``simulate.simulate_chain``'s ``vocabulary``).
         """
-        states = self.lookup_states(contexts)
+        return self.state_distribution(self.lookup_states(contexts), columns)
+
+    def state_distribution(self, states: np.ndarray, columns: np.ndarray | None = None) -> np.ndarray:
+        """:meth:`next_distribution` of state ids already looked up."""
         out, mask = self._state_token_rows(states, columns)
         res = self.residual[states]
         if columns is not None:
@@ -337,7 +340,15 @@ class TransitionMatrix:
     def next_logprobs(self, contexts: np.ndarray, columns: np.ndarray | None = None) -> np.ndarray:
         """``log`` of :meth:`next_distribution` (``-inf`` where the probability is 0)."""
         p = self.next_distribution(contexts, columns)
-        return np.log(p, out=np.full_like(p, -np.inf), where=p > 0)  # the log of the non-zeros only
+        return np.log(p, out=np.full_like(p, -np.inf), where=p > 0)  # -inf where p = 0, no warning
+
+    def state_logits(self, states: np.ndarray, columns: np.ndarray | None = None) -> np.ndarray:
+        """:meth:`next_logits` of state ids already looked up (one lookup per simulated step)."""
+        p = self.state_distribution(states, columns)
+        out = np.log(p, out=np.full_like(p, -np.inf), where=p > 0)
+        if self.row_logit_shift is not None:
+            out += np.nan_to_num(self.row_logit_shift[states], nan=0.0)[:, None]
+        return out
 
     def next_logits(self, contexts: np.ndarray, columns: np.ndarray | None = None) -> np.ndarray:
         """Logit-scale scores ``log p + c_s`` (``c_s`` = :attr:`row_logit_shift`, 0 where unknown).
@@ -347,12 +358,7 @@ class TransitionMatrix:
         single-prompt probe row and the mean log-normaliser of the steps (trace) or prompts (probe
         mean) otherwise. ``columns``: as in :meth:`next_distribution`.
         """
-        states = self.lookup_states(contexts)
-        out = self.next_logprobs(contexts, columns)
-        if self.row_logit_shift is not None:
-            c = np.nan_to_num(self.row_logit_shift[states], nan=0.0)
-            out += c[:, None]
-        return out
+        return self.state_logits(self.lookup_states(contexts), columns)
 
     def start_logits(self) -> np.ndarray | None:
         """Logit-scale scores of the first decoding step of an encoder-decoder model (``None`` if unknown).

@@ -10,7 +10,7 @@ import pytest
 from repdiag.cli import main
 from repdiag.report import validate_report_dict
 
-from tiny_models import TINYSTORIES, save_tiny
+from tiny_models import TINYSTORIES, require_tinystories, save_tiny
 
 FAST = ["--n-prompts", "6", "--max-new-tokens", "8", "--n-trajectories", "16",
         "--mitigations", "greedy,temperature_0.7,repetition_penalty_1.2,no_repeat_ngram_3", "--quiet"]
@@ -67,8 +67,7 @@ def test_same_inputs_give_the_same_report_bytes(tmp_path):
 
 
 def test_real_tinystories_model(tmp_path):
-    if not TINYSTORIES.is_dir():
-        pytest.skip(f"shared model folder {TINYSTORIES} is absent")
+    require_tinystories()
     code, report = run_analyze(tmp_path, str(TINYSTORIES), "--max-new-tokens", "40")
     assert code == 0
     assert report["model"]["architecture"] == "LlamaForCausalLM"

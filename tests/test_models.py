@@ -11,7 +11,7 @@ import torch
 from repdiag.errors import MissingExtraError, ModelLoadError, OfflineModelError, UnsupportedModelError
 from repdiag.models import load_model, tokenizer_fingerprint
 
-from tiny_models import ARCHS, SEQ2SEQ, TINYSTORIES, save_tiny
+from tiny_models import ARCHS, SEQ2SEQ, TINYSTORIES, require_tinystories, save_tiny
 
 
 @pytest.fixture(scope="module")
@@ -86,8 +86,7 @@ def test_trust_remote_code_is_off_by_default():
 
 
 def test_real_tinystories_model_loads():
-    if not TINYSTORIES.is_dir():
-        pytest.skip(f"shared model folder {TINYSTORIES} is absent")
+    require_tinystories()
     lm = load_model(str(TINYSTORIES))
     assert lm.kind == "causal"
     assert lm.vocab_size == 512

@@ -16,6 +16,7 @@ import pytest
 from repdiag._atomic import write_text
 from repdiag.report import load_report, render_html
 from repdiag.report.html import PLOTS
+from tiny_models import missing_input
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLE = ROOT / "tests" / "fixtures" / "report_example.json"
@@ -44,10 +45,15 @@ def _playwright():
 CHROMIUM = _chromium()
 SYNC_PLAYWRIGHT = _playwright()
 
-pytestmark = [
-    pytest.mark.skipif(SYNC_PLAYWRIGHT is None, reason="playwright is not installed (pip install playwright)"),
-    pytest.mark.skipif(CHROMIUM is None, reason="no chromium binary on PATH (apt-get install -y chromium)"),
-]
+
+
+@pytest.fixture(autouse=True)
+def _needs_a_browser():
+    """Skip without playwright or chromium (fail under CI: .ci/run installs both)."""
+    if SYNC_PLAYWRIGHT is None:
+        missing_input("playwright is not installed (pip install playwright)")
+    if CHROMIUM is None:
+        missing_input("no chromium binary on PATH (apt-get install -y chromium)")
 
 
 def test_html_report_in_headless_chromium(tmp_path):

@@ -20,11 +20,7 @@ from repdiag.transition import (
     fill_rows,
     load_matrix,
 )
-from tiny_models import TINYSTORIES, build_tiny
-
-needs_tinystories = pytest.mark.skipif(
-    not TINYSTORIES.is_dir(), reason=f"the real model folder {TINYSTORIES} is absent"
-)
+from tiny_models import TINYSTORIES, build_tiny, require_tinystories
 
 
 # ----------------------------------------------------------------------------------------------
@@ -34,8 +30,7 @@ needs_tinystories = pytest.mark.skipif(
 
 @pytest.fixture(scope="module")
 def tinystories():
-    if not TINYSTORIES.is_dir():
-        pytest.skip(f"the real model folder {TINYSTORIES} is absent")
+    require_tinystories()
     from repdiag.models import load_model
 
     return load_model(str(TINYSTORIES))
@@ -98,7 +93,6 @@ def _markov_lm():
 # ----------------------------------------------------------------------------------------------
 
 
-@needs_tinystories
 def test_probe_full_vocab_matches_naive_loop_tinystories(tinystories, tinystories64):
     prompt = "Once upon a time"
     rows = np.delete(np.arange(512), tinystories.eos_token_id)
@@ -197,7 +191,6 @@ def test_probe_given_rows_flags_the_rest_missing():
 # ----------------------------------------------------------------------------------------------
 
 
-@needs_tinystories
 @pytest.mark.parametrize("order", [1, 2])
 def test_trace_reproduces_mean_of_seen_distributions(tinystories64, order):
     lm = tinystories64
@@ -236,7 +229,6 @@ def test_trace_reproduces_mean_of_seen_distributions(tinystories64, order):
     assert cov["n_missing"] == V - 1 - sum(1 for k in sums if len(k) == 1)  # no probe fallback here
 
 
-@needs_tinystories
 def test_trace_fallback_and_top_k(tinystories):
     tm = build_trace(tinystories, ["Once upon a time", "Lily"], order=2, top_k=8, max_new_tokens=16)
     assert not tm.is_dense and tm.meta["top_k"] == 8

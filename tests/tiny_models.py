@@ -7,14 +7,33 @@ real loading code (``repdiag.models.load_model``) can be exercised on a local fo
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
+import pytest
 import torch
 
 WORDS = ["<pad>", "</s>", "<unk>", "<s>", "copy", "rev"] + list("abcdefghijklmnopqrstuvwxyz")  # 32 tokens
 ARCHS = ("t5", "bart", "marian", "pegasus", "gpt2", "llama", "bert")
 SEQ2SEQ = ("t5", "bart", "marian", "pegasus")
 TINYSTORIES = Path(__file__).resolve().parents[2] / "shared" / "models" / "tinystories-260k"
+
+
+def missing_input(reason: str) -> None:
+    """A test's shared input is missing: skip it (naming what), but fail under ``CI=true``.
+
+    ``.ci/run`` lays ``shared/`` beside the clone and installs the test extras, so there a missing
+    input is a broken set-up that must not pass as a skip.
+    """
+    if os.environ.get("CI", "").lower() == "true":
+        pytest.fail(f"{reason}: CI provides it, so this is a broken set-up")
+    pytest.skip(reason)
+
+
+def require_tinystories() -> None:
+    """Skip (fail under CI) unless the shared TinyStories model folder exists (shared/models/README.md)."""
+    if not TINYSTORIES.is_dir():
+        missing_input(f"the shared model folder {TINYSTORIES} is absent")
 
 
 def build_tokenizer(arch: str = "t5"):
