@@ -18,7 +18,7 @@ from tiny_models import TINYSTORIES, missing_input, require_tinystories
 
 @pytest.fixture(autouse=True, scope="module")
 def _needs_gguf_and_tinystories():
-    """Skip without the gguf extra or the shared model (fail under CI, which installs and lays out both)."""
+    """Skip without the gguf extra (fail under CI, which installs it) or without the shared model."""
     if importlib.util.find_spec("gguf") is None:
         missing_input("gguf is not installed (repdiag[gguf])")
     require_tinystories()

@@ -20,10 +20,10 @@ TINYSTORIES = Path(__file__).resolve().parents[2] / "shared" / "models" / "tinys
 
 
 def missing_input(reason: str) -> None:
-    """A test's shared input is missing: skip it (naming what), but fail under ``CI=true``.
+    """A test's optional input is missing: skip it (naming what), but fail under ``CI=true``.
 
-    ``.ci/run`` lays ``shared/`` beside the clone and installs the test extras, so there a missing
-    input is a broken set-up that must not pass as a skip.
+    ``.ci/run`` installs chromium and the test extras (playwright, gguf) or stops, so there a missing
+    one is a broken set-up that must not pass as a skip.
     """
     if os.environ.get("CI", "").lower() == "true":
         pytest.fail(f"{reason}: CI provides it, so this is a broken set-up")
@@ -31,9 +31,14 @@ def missing_input(reason: str) -> None:
 
 
 def require_tinystories() -> None:
-    """Skip (fail under CI) unless the shared TinyStories model folder exists (shared/models/README.md)."""
+    """Skip unless the shared TinyStories model folder exists.
+
+    Always a skip, CI included: shared/models/README.md says a test that needs the folder skips where it
+    is absent and nothing else may depend on it. Where it exists (the project's layout, shared/ beside
+    the clone) every such test runs and asserts its numbers.
+    """
     if not TINYSTORIES.is_dir():
-        missing_input(f"the shared model folder {TINYSTORIES} is absent")
+        pytest.skip(f"the shared model folder {TINYSTORIES} is absent")
 
 
 def build_tokenizer(arch: str = "t5"):
