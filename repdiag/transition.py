@@ -990,10 +990,12 @@ def _probe_dense_rows(lm: "LoadedModel", contexts: list[_PromptContext], tokens:
                       top_k: int | None = None):
     """Yield ``(token ids, rows, logit shift or None, per-prompt probs or None)`` per batch.
 
-    ``rows`` is the mean probability matrix ``(B, V)`` float64 over the prompts, or — on the fast path
-    (one prompt, ``top_k < V``, no per-prompt rows) — a tuple ``(top tokens (B, K), top probs (B, K),
-    eos probs (B,))``: one top-k on the logits and one log-sum-exp per row (in the logits' precision,
-    as the model's own softmax), then float64 for the K kept entries; no V-wide float64 softmax.
+    ``rows`` is the mean probability matrix ``(B, V)`` float64 over the prompts, or — whenever
+    ``top_k < V`` and no per-prompt rows are asked for — a tuple ``(top tokens (B, K), top probs
+    (B, K), eos probs (B,))`` taken by one ``torch.topk`` per batch, so no ``(B, V)`` array leaves
+    torch. With one prompt the top-k runs on the logits and one log-sum-exp per row (in the logits'
+    precision, as the model's own softmax), then float64 for the K kept entries only; with several,
+    on the float64 mean of their softmaxes.
     """
     import torch
 
@@ -1001,12 +1003,12 @@ def _probe_dense_rows(lm: "LoadedModel", contexts: list[_PromptContext], tokens:
     P = len(contexts)
     V = lm.vocab_size
     eos = lm.eos_token_id
-    fast = P == 1 and not per_prompt and top_k is not None and top_k < V
+    top_only = not per_prompt and top_k is not None and top_k < V
     with torch.inference_mode():
         for lo in range(0, len(tokens), batch_size):
             chunk = np.asarray(tokens[lo:lo + batch_size], dtype=np.int64)
             t = torch.from_numpy(chunk).to(dev)
-            if fast:
+            if top_only and P == 1:
                 logits = _step_logits(lm, contexts[0], t)
                 if logits.dtype not in (torch.float32, torch.float64):
                     logits = logits.float()
@@ -1034,7 +1036,12 @@ def _probe_dense_rows(lm: "LoadedModel", contexts: list[_PromptContext], tokens:
                     acc += probs
             if P > 1:
                 acc /= P
-            yield chunk, acc.cpu().numpy(), (None if shift is None else shift.cpu().numpy()), each
+            shift_np = None if shift is None else shift.cpu().numpy()
+            if top_only:
+                top_v, top_i = torch.topk(acc, top_k, dim=-1, sorted=False)
+                yield chunk, (top_i.cpu().numpy(), top_v.cpu().numpy(), acc[:, eos].cpu().numpy()), shift_np, None
+            else:
+                yield chunk, acc.cpu().numpy(), shift_np, each
             if progress is not None:
                 progress(len(chunk))
 

@@ -106,8 +106,11 @@ def test_probe_full_vocab_matches_naive_loop_tinystories(tinystories, tinystorie
     assert np.abs(tm64.matrix[rows] - naive64[rows]).max() <= 1e-12
     for i in rows[::16]:  # and the literal naive loop, one model(...) call per row
         assert np.abs(tm64.matrix[i] - _naive_probs(lm64, prompt, int(i))).max() <= 1e-12
-    # float32: as close to the float64 truth as the naive float32 loop itself is (this model's large
-    # logits put float32 rounding at ~1e-5 on a probability, whichever way it is computed)
+    # float32: as close to the float64 truth as the naive float32 loop itself is. This model's logits
+    # reach 19.5 and float32 rounding in its five layers (not the LM head: a float64 head changes
+    # nothing) moves a probability by up to ~1e-5 whichever way it is computed; the naive loop run
+    # batched differs from itself by 2e-6 to 5e-6, so "1e-6 of the naive loop" is no reproducible
+    # target here. The random tiny models, with small logits, meet it (test below).
     lm = tinystories
     tm = build_probe(lm, [prompt], batch_size=100)
     assert tm.n_states == lm.vocab_size == 512 and tm.is_dense and tm.order == 1
