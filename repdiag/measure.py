@@ -20,8 +20,11 @@ from typing import TYPE_CHECKING, Any, Callable, Iterator, Sequence
 import numpy as np
 
 from . import metrics as metrics_mod
+from .models import forward_accepts
 
 if TYPE_CHECKING:  # pragma: no cover
+    import torch
+
     from .decoding import Policy
     from .models import LoadedModel
 
@@ -242,7 +245,7 @@ def mean_logprobs(
                 positions = (mask.cumsum(-1) - 1).clamp(min=0)
                 # only the positions that predict an output token: the prompt's other logits are
                 # (batch, prompt length, vocab) floats that nobody reads
-                keep = {"logits_to_keep": width + 1} if _accepts(lm.model, "logits_to_keep") else {}
+                keep = {"logits_to_keep": width + 1} if forward_accepts(lm.model, "logits_to_keep") else {}
                 logits = lm.model(input_ids=ids.to(lm.device), attention_mask=mask.to(lm.device),
                                   position_ids=positions.to(lm.device), **keep).logits
                 step_logits = logits[:, -(width + 1):-1]
@@ -268,13 +271,6 @@ def _token_logprobs(step_logits: "torch.Tensor", tokens: "torch.Tensor") -> "tor
         picked = seq_logits.gather(-1, seq_tokens.unsqueeze(-1)).squeeze(-1)
         rows.append(picked - torch.logsumexp(seq_logits, dim=-1))
     return torch.stack(rows)
-
-
-def _accepts(model: Any, argument: str) -> bool:
-    """Whether ``model.forward`` takes ``argument`` by name."""
-    import inspect
-
-    return argument in inspect.signature(model.forward).parameters
 
 
 def _quality(lm: "LoadedModel", prompts: Sequence[str], references: Sequence[str | None], sequences, terminated,

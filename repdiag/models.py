@@ -375,6 +375,14 @@ def wrap_model(
     )
 
 
+def forward_accepts(model: Any, argument: str) -> bool:
+    """Whether ``model.forward`` takes ``argument`` by name (e.g. ``logits_to_keep``, which not every
+    architecture has)."""
+    import inspect
+
+    return argument in inspect.signature(model.forward).parameters
+
+
 def _first_int(*values: Any) -> int | None:
     for value in values:
         if isinstance(value, (list, tuple)):

@@ -215,14 +215,15 @@ def _simulate_all(chain: Any, policies: Sequence[Any], lm: Any, trace_prompts: A
                   executor: Any = None) -> tuple[dict, dict, Any, dict]:
     """Chain-simulation predictions (§7.1) of every per-step policy: (means, standard errors, reach, columns).
 
-    The rows the simulations step on that the trace never visited are probed as they are reached
-    (``simulate.simulate_reaching``, at most ``options.max_probe_rows``, conditioned on the first two
-    trace prompts; on ``executor`` when one is given); the returned ``ReachOutcome`` holds the filled chain.
+    The policies step in lockstep; the rows the trace never visited are probed at the step that first
+    reads them (``simulate.simulate_reaching``, at most ``options.max_probe_rows``, conditioned on the
+    first two trace prompts; on ``executor`` when one is given); the returned ``ReachOutcome`` holds
+    the filled chain.
     """
     from . import metrics as metrics_mod
     from .measure import sentence_end_ids
-    from .simulate import is_simulable, simulate_policy, simulate_reaching, simulation_vocabulary
-    from .transition import fill_rows
+    from .simulate import is_simulable, simulate_reaching, simulation_vocabulary
+    from .transition import ProbePrompts, fill_rows
 
     first_scores = None
     if lm.kind == "seq2seq":  # each measurement input's own first step, then the chain
@@ -233,36 +234,25 @@ def _simulate_all(chain: Any, policies: Sequence[Any], lm: Any, trace_prompts: A
     else:
         starts = [lm.tokenizer(p, truncation=True, max_length=lm.max_source_tokens)["input_ids"] for p in measure_prompts.prompts]
     simulable = [p for p in policies if is_simulable(p)]
-    columns: dict[str, int | None] = {}
     extra_ids = np.array([lm.eos_token_id, lm.pad_token_id])
     if first_scores is not None:  # a large vocabulary's simulation keeps each input's likeliest first tokens
         k = min(options.top_k, first_scores.shape[1])
         extra_ids = np.union1d(extra_ids, np.argpartition(first_scores, -k, axis=1)[:, -k:])
-
-    def run(policy: Any) -> Callable[[Any], Any]:
-        def simulate(view: Any) -> Any:
-            vocabulary = simulation_vocabulary(view, starts, extra_ids)
-            result = simulate_policy(view, policy, starts=starts, n_trajectories=options.n_trajectories,
-                                     max_new_tokens=options.max_new_tokens, eos_token_id=lm.eos_token_id,
-                                     pad_token_id=lm.pad_token_id, seed=options.seed, first_scores=first_scores,
-                                     vocabulary=vocabulary)
-            columns[policy.name] = None if vocabulary is None else len(vocabulary)
-            stages.advance()
-            return result
-        return simulate
-
-    probe_prompts = list(trace_prompts.prompts[:2])
+    probe_prompts = ProbePrompts(lm, trace_prompts.prompts[:2])  # their prefixes run once for every fill
 
     def fill(current: Any, tokens: np.ndarray) -> Any:
         t0 = time.perf_counter()
-        stages.start(f"probing the {len(tokens)} unvisited rows the simulation reached", total=None)
         filled = fill_rows(current, lm, tokens, probe_prompts, batch_size=64, executor=executor)
         timings["probe_reached_rows"] = timings.get("probe_reached_rows", 0.0) + time.perf_counter() - t0
-        stages.start("simulating again the policies that reached them", total=None)
         return filled
 
-    stages.start("simulating the chain under each policy", total=len(simulable))
-    reach = simulate_reaching(chain, {p.name: run(p) for p in simulable}, fill, max_probe_rows=options.max_probe_rows)
+    stages.start("simulating the chain under each policy", total=options.max_new_tokens)
+    reach = simulate_reaching(chain, simulable, starts=starts, n_trajectories=options.n_trajectories,
+                              max_new_tokens=options.max_new_tokens, eos_token_id=lm.eos_token_id,
+                              pad_token_id=lm.pad_token_id, seed=options.seed, first_scores=first_scores,
+                              extra_ids=extra_ids, fill=fill, max_probe_rows=options.max_probe_rows,
+                              on_step=lambda _step, _probed: stages.advance())
+    n_columns = simulation_vocabulary(reach.chain, starts, extra_ids)
     ends, dot = sentence_end_ids(lm.tokenizer)
     predicted, stderr = {}, {}
     for policy in simulable:
@@ -275,8 +265,7 @@ def _simulate_all(chain: Any, policies: Sequence[Any], lm: Any, trace_prompts: A
                                                               "length")}
         predicted[policy.name]["n_trajectories"] = result.n_trajectories
         stderr[policy.name] = {k: se.get(k) for k in PREDICTED_METRICS}
-    restricted = [n for n in columns.values() if n is not None]
-    return predicted, stderr, reach, _vocabulary_section(reach.chain, max(restricted) if restricted else None)
+    return predicted, stderr, reach, _vocabulary_section(reach.chain, None if n_columns is None else len(n_columns))
 
 
 def _vocabulary_section(chain: Any, n_columns: int | None) -> dict[str, Any]:
@@ -511,7 +500,7 @@ def _run_analysis(options: AnalyzeOptions, stages: Stages, timings: dict[str, fl
     coverage = reach.chain.coverage()
     matrix_section.update(coverage=coverage, coverage_rows=coverage.get("rows_visited"),
                           coverage_mass=coverage.get("mass_visited"))
-    matrix_section["reached_rows"] = {"probed": reach.probed, "rounds": reach.rounds,
+    matrix_section["reached_rows"] = {"probed": reach.probed, "fills": reach.fills,
                                       "max_probe_rows": options.max_probe_rows,
                                       "missing_step_share": reach.missing_steps}
     names = [p.name for p in measurable]

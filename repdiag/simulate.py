@@ -25,7 +25,7 @@ if TYPE_CHECKING:  # pragma: no cover
 
     from .decoding import Policy
 
-__all__ = ["Chain", "SimulationResult", "simulate_chain", "simulate_policy", "is_simulable", "MissingRowCounter",
+__all__ = ["Chain", "SimulationResult", "simulate_chain", "simulate_policy", "is_simulable",
            "ReachOutcome", "simulate_reaching",
            "compact_id", "simulation_vocabulary", "FULL_VOCABULARY_MAX"]
 
@@ -92,6 +92,117 @@ def compact_id(vocabulary: np.ndarray, token: int) -> int:
     return pos
 
 
+class _Walk:
+    """The trajectories of one simulated run between two steps: the loop state of :func:`simulate_chain`.
+
+    Histories are kept in real token ids; each :meth:`advance` maps them to the columns of the
+    vocabulary it is given, so the vocabulary may grow between steps (``simulate_reaching`` adds the
+    columns of the rows it probes). Growing it changes no draw: a column that no row read so far
+    stores has score ``-inf`` under every processor, and the inverse-CDF draw and the greedy argmax
+    ignore such columns. The processors are built per ``<eos>`` column by ``processors_for``.
+    """
+
+    def __init__(self, order: int, processors_for: Callable[[int], Any], *, do_sample: bool,
+                 starts: Sequence[Sequence[int]], max_new_tokens: int, eos_token_id: int, pad_token_id: int,
+                 seed: int, first_scores: np.ndarray | None):
+        import torch
+
+        if max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+        if not starts:
+            raise ValueError("starts must hold at least one trajectory start")
+        self.order, self.do_sample, self.max_new_tokens = order, do_sample, max_new_tokens
+        self.eos, self.pad = eos_token_id, pad_token_id
+        self.first_scores = first_scores
+        self.seed = seed
+        self._processors_for = processors_for
+        self._processors: dict[int, Any] = {}
+        batch = len(starts)
+        self.width = max(len(s) for s in starts)
+        # what generate() passes the processors (left-padded with the padding token) and the chain's
+        # context (the real tokens only, left-padded with -1); a finished row's context stays <eos>
+        self.history = np.full((batch, self.width + max_new_tokens), pad_token_id, dtype=np.int64)
+        self.context = np.full((batch, self.width + max_new_tokens), -1, dtype=np.int64)
+        for row, start in enumerate(starts):
+            if len(start):
+                self.history[row, self.width - len(start):self.width] = start
+                self.context[row, self.width - len(start):self.width] = start
+        self.generator = torch.Generator().manual_seed(seed)
+        self.finished = np.zeros(batch, dtype=bool)
+        self.generated = np.full((batch, max_new_tokens), -1, dtype=np.int64)
+        self.step = 0
+
+    @property
+    def done(self) -> bool:
+        return self.step >= self.max_new_tokens or bool(self.finished.all())
+
+    @property
+    def reads_chain(self) -> bool:
+        """False at a first step that ``first_scores`` replaces."""
+        return not (self.step == 0 and self.first_scores is not None)
+
+    def contexts(self) -> np.ndarray:
+        """``(batch, order)``: the last ``order`` tokens of each history (left-padded with -1)."""
+        end = self.width + self.step
+        ctx = self.context[:, max(0, end - self.order):end]
+        if ctx.shape[1] < self.order:
+            ctx = np.concatenate([np.full((len(ctx), self.order - ctx.shape[1]), -1, np.int64), ctx], axis=1)
+        return ctx
+
+    def advance(self, chain_scores: np.ndarray | None, vocabulary: np.ndarray | None) -> None:
+        """One step from the chain's ``(batch, columns)`` scores (``None`` where ``first_scores`` replaces them)."""
+        import torch
+
+        end = self.width + self.step
+        if chain_scores is None:
+            first = np.asarray(self.first_scores)
+            if vocabulary is not None:
+                first = first[..., vocabulary]
+            chain_scores = np.broadcast_to(first, (len(self.history), first.shape[-1]))
+        history = self.history[:, :end]
+        eos_c = self.eos
+        if vocabulary is not None:
+            history = _compact(vocabulary, history)
+            eos_c = int(_compact(vocabulary, np.array([self.eos]))[0])
+        if eos_c not in self._processors:
+            self._processors[eos_c] = self._processors_for(eos_c)
+        scores = torch.from_numpy(np.array(chain_scores, dtype=np.float32))
+        scores = self._processors[eos_c](torch.from_numpy(history), scores)
+        if self.do_sample:  # inverse CDF, one uniform per row: columns of probability 0 do not change the draw
+            cdf = torch.cumsum(torch.softmax(scores, dim=-1).double(), dim=-1)
+            u = torch.rand((len(cdf), 1), generator=self.generator, dtype=torch.float64)
+            picked = torch.searchsorted(cdf, u * cdf[:, -1:], right=True).squeeze(1).clamp_max(cdf.shape[1] - 1)
+        else:
+            picked = torch.argmax(scores, dim=-1)
+        tokens = picked.numpy() if vocabulary is None else vocabulary[picked.numpy()]
+        tokens = np.where(self.finished, self.pad, tokens)  # a finished trajectory emits padding
+        alive = ~self.finished
+        self.history[:, end] = tokens
+        self.generated[alive, self.step] = tokens[alive]
+        self.context[:, end] = np.where(alive, tokens, self.eos)
+        self.finished |= tokens == self.eos
+        self.step += 1
+
+    def result(self) -> SimulationResult:
+        sequences, terminated = [], []
+        for row in self.generated[:, :self.step]:
+            seq = row[row >= 0]
+            eos_at = np.flatnonzero(seq == self.eos)
+            cut = eos_at[0] if eos_at.size else len(seq)
+            sequences.append(tuple(int(t) for t in seq[:cut]))
+            terminated.append(bool(eos_at.size))
+        return SimulationResult(tuple(sequences), tuple(terminated), self.order, self.seed)
+
+
+def _compact(vocabulary: np.ndarray, tokens: np.ndarray) -> np.ndarray:
+    """Positions of ``tokens`` in the sorted ``vocabulary`` (ValueError naming the first one not there)."""
+    pos = np.minimum(np.searchsorted(vocabulary, tokens), len(vocabulary) - 1)
+    absent = vocabulary[pos] != tokens
+    if absent.any():
+        raise ValueError(f"token {int(tokens[absent].flat[0])} is not in the simulation vocabulary")
+    return pos
+
+
 def simulate_chain(
     chain: Chain,
     processors: Callable[["torch.LongTensor", "torch.FloatTensor"], "torch.FloatTensor"],
@@ -126,77 +237,35 @@ def simulate_chain(
     stored entries only). It is the large-vocabulary mode of the simulation, where a dense
     ``(trajectories, vocabulary size)`` array per step, sorted by top-p, would take seconds.
     """
-    import torch
-
-    if max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-    if not starts:
-        raise ValueError("starts must hold at least one trajectory start")
-    to_model = (lambda ids: np.asarray(ids, dtype=np.int64)) if vocabulary is None else (lambda ids: vocabulary[ids])
-    to_compact = (lambda ids: list(ids)) if vocabulary is None else (lambda ids: [compact_id(vocabulary, t) for t in ids])
-    eos_c, pad_c = to_compact([eos_token_id, pad_token_id])
-    batch = len(starts)
-    width = max(len(s) for s in starts)
-    history = torch.full((batch, width + max_new_tokens), pad_c, dtype=torch.long)
-    for row, start in enumerate(starts):
-        if len(start):
-            history[row, width - len(start):width] = torch.as_tensor(to_compact(start), dtype=torch.long)
-    # the chain's context: the real tokens of each history (left-padded with -1, never the padding)
-    context = np.full((batch, width + max_new_tokens), -1, dtype=np.int64)
-    for row, start in enumerate(starts):
-        if len(start):
-            context[row, width - len(start):width] = np.asarray(start, dtype=np.int64)
-    generator = torch.Generator().manual_seed(seed)
-    finished = torch.zeros(batch, dtype=torch.bool)
-    generated = np.full((batch, max_new_tokens), -1, dtype=np.int64)
-    order = chain.order
+    walk = _Walk(chain.order, lambda _eos: processors, do_sample=do_sample, starts=starts,
+                 max_new_tokens=max_new_tokens, eos_token_id=eos_token_id, pad_token_id=pad_token_id, seed=seed,
+                 first_scores=first_scores)
     # generate() hands processors raw logits; a chain that knows each row's logit shift gives the same
     # scale (the repetition penalty's sign rule depends on it, spec §8.8), else log-probabilities
     next_scores = getattr(chain, "next_logits", chain.next_logprobs)
     if vocabulary is not None:
         next_scores = partial(next_scores, columns=vocabulary)
-        if first_scores is not None:
-            first_scores = np.asarray(first_scores)[..., vocabulary]
-    steps_done = 0
-    for step in range(max_new_tokens):
-        end = width + step
-        contexts = context[:, max(0, end - order):end]
-        if contexts.shape[1] < order:
-            contexts = np.concatenate([np.full((batch, order - contexts.shape[1]), -1, np.int64), contexts], axis=1)
-        if step == 0 and first_scores is not None:
-            step_scores = np.broadcast_to(np.asarray(first_scores), (batch, np.shape(first_scores)[-1]))
-        else:
-            step_scores = next_scores(contexts)
-        scores = torch.from_numpy(np.array(step_scores, dtype=np.float32))
-        scores = processors(history[:, :end], scores)
-        if do_sample:  # inverse CDF, one uniform per row: columns of probability 0 do not change the draw
-            cdf = torch.cumsum(torch.softmax(scores, dim=-1).double(), dim=-1)
-            u = torch.rand((batch, 1), generator=generator, dtype=torch.float64)
-            next_tokens = torch.searchsorted(cdf, u * cdf[:, -1:], right=True).squeeze(1).clamp_max(cdf.shape[1] - 1)
-        else:
-            next_tokens = torch.argmax(scores, dim=-1)
-        next_tokens = torch.where(finished, torch.full_like(next_tokens, pad_c), next_tokens)
-        history[:, end] = next_tokens
-        tokens = to_model(next_tokens.numpy())
-        alive = ~finished.numpy()
-        generated[alive, step] = tokens[alive]
-        context[:, end] = np.where(alive, tokens, eos_token_id)  # a finished row stays in <eos>
-        finished |= next_tokens == eos_c
-        steps_done = step + 1
-        if bool(finished.all()):
-            break
-    sequences, terminated = [], []
-    for row in range(batch):
-        seq = generated[row, :steps_done]
-        seq = seq[seq >= 0]
-        eos_at = np.flatnonzero(seq == eos_token_id)
-        if eos_at.size:
-            sequences.append(tuple(int(t) for t in seq[: eos_at[0]]))
-            terminated.append(True)
-        else:
-            sequences.append(tuple(int(t) for t in seq))
-            terminated.append(False)
-    return SimulationResult(tuple(sequences), tuple(terminated), order, seed)
+    while not walk.done:
+        walk.advance(next_scores(walk.contexts()) if walk.reads_chain else None, vocabulary)
+    return walk.result()
+
+
+def _cycled(starts: Sequence[Sequence[int]], first_scores: np.ndarray | None, n_trajectories: int,
+            ) -> tuple[list[list[int]], np.ndarray | None]:
+    """``n_trajectories`` starts (and rows of a 2-D ``first_scores``), cycling through the given ones."""
+    if n_trajectories < 1:
+        raise ValueError(f"n_trajectories must be >= 1, got {n_trajectories}")
+    if not starts:
+        raise ValueError("starts must hold at least one trajectory start")
+    cycled = [list(starts[i % len(starts)]) for i in range(n_trajectories)]
+    if first_scores is not None and np.ndim(first_scores) == 2:  # one row per start, cycled like the starts
+        first_scores = np.asarray(first_scores)[np.arange(n_trajectories) % len(first_scores)]
+    return cycled, first_scores
+
+
+def _check_simulable(policy: "Policy") -> None:
+    if not is_simulable(policy):
+        raise ValueError(f"policy {policy.name!r} is not a per-step policy and cannot be simulated on a chain")
 
 
 def simulate_policy(
@@ -219,13 +288,8 @@ def simulate_policy(
     ``n_trajectories / len(starts)`` trajectories (rounded up for the first ones). ``vocabulary``:
     see :func:`simulate_chain` (the processors are built for its compact ``<eos>`` id here).
     """
-    if not is_simulable(policy):
-        raise ValueError(f"policy {policy.name!r} is not a per-step policy and cannot be simulated on a chain")
-    if n_trajectories < 1:
-        raise ValueError(f"n_trajectories must be >= 1, got {n_trajectories}")
-    all_starts = [list(starts[i % len(starts)]) for i in range(n_trajectories)]
-    if first_scores is not None and np.ndim(first_scores) == 2:  # one row per start, cycled like the starts
-        first_scores = np.asarray(first_scores)[np.arange(n_trajectories) % len(first_scores)]
+    _check_simulable(policy)
+    all_starts, first_scores = _cycled(starts, first_scores, n_trajectories)
     eos_for_processors = eos_token_id if vocabulary is None else compact_id(vocabulary, eos_token_id)
     processors = policy.logits_processors(eos_for_processors, **(processor_kwargs or {}))
     return simulate_chain(chain, processors, do_sample=policy.do_sample, starts=all_starts,
@@ -233,95 +297,88 @@ def simulate_policy(
                           pad_token_id=pad_token_id, seed=seed, first_scores=first_scores, vocabulary=vocabulary)
 
 
-class MissingRowCounter:
-    """A view of a :class:`~repdiag.transition.TransitionMatrix` that counts the steps read from missing rows.
-
-    A missing row (neither traced nor probed) is a uniform placeholder: a simulated step that reads it
-    is noise. ``hits[s]`` is the number of steps that read state ``s`` while it was missing.
-    """
-
-    def __init__(self, chain: Any):
-        self.chain = chain
-        self.order = chain.order
-        self.vocab_size = chain.vocab_size
-        self.hits = np.zeros(chain.n_states, dtype=np.int64)
-        self.steps = 0
-        self._missing = chain.missing  # the chain does not change while a simulation reads it
-
-    def _count(self, contexts: np.ndarray) -> np.ndarray:
-        states = self.chain.lookup_states(contexts)
-        self.steps += int((states != self.chain.eos_index).sum())
-        np.add.at(self.hits, states[self._missing[states]], 1)
-        return states
-
-    def support(self) -> np.ndarray:
-        return self.chain.support()
-
-    def next_logits(self, contexts: np.ndarray, columns: np.ndarray | None = None) -> np.ndarray:
-        return self.chain.state_logits(self._count(contexts), columns)
-
-    def next_logprobs(self, contexts: np.ndarray, columns: np.ndarray | None = None) -> np.ndarray:
-        self._count(contexts)
-        return self.chain.next_logprobs(contexts, columns)
-
-
 @dataclass(frozen=True)
 class ReachOutcome:
-    """What :func:`simulate_reaching` did: the final chain, each run's result, and how the rows were filled.
+    """What :func:`simulate_reaching` did: the final chain, each policy's result, and how the rows were filled.
 
-    ``missing_steps[name]`` is the share of the run's simulated steps (before ``<eos>``) that still read
-    a missing row in its final simulation: 0 when the probe budget sufficed.
+    ``fills`` is the number of steps at which rows were probed, ``probed`` the rows probed in all.
+    ``missing_steps[name]`` is the share of the policy's simulated steps (before ``<eos>``) that read
+    a missing row (a uniform placeholder): 0 when the probe budget sufficed.
     """
 
     chain: Any
     results: dict[str, SimulationResult]
-    rounds: int
+    fills: int
     probed: int
     missing_steps: dict[str, float]
 
 
 def simulate_reaching(
     chain: Any,
-    runs: dict[str, Callable[[Any], SimulationResult]],
-    fill: Callable[[Any, np.ndarray], Any],
+    policies: Sequence["Policy"],
     *,
-    max_probe_rows: int,
-    max_rounds: int = 8,
-    on_round: Callable[[int, int], None] | None = None,
+    starts: Sequence[Sequence[int]],
+    n_trajectories: int,
+    max_new_tokens: int,
+    eos_token_id: int,
+    pad_token_id: int,
+    seed: int,
+    first_scores: np.ndarray | None = None,
+    extra_ids: Sequence[int] | np.ndarray = (),
+    fill: Callable[[Any, np.ndarray], Any] | None = None,
+    max_probe_rows: int = 0,
+    on_step: Callable[[int, int], None] | None = None,
 ) -> ReachOutcome:
-    """Simulate every run, probing the missing rows the simulations reach, until none is reached.
+    """Simulate every policy (as :func:`simulate_policy`), probing each missing row before it is first read.
 
-    "Probe only the rows the analysis reaches" (issue 4, spec §7.1): each round simulates the runs
-    still pending on a :class:`MissingRowCounter`; the missing rows they stepped on, most steps first,
-    are handed to ``fill(chain, tokens)`` (which probes them and returns the new chain) while the
-    total stays within ``max_probe_rows``; the runs that stepped on a missing row are simulated
-    again on the new chain. A run that read no missing row is final: filling rows it never read
-    cannot change its seeded trajectories. Stops when no run reads a missing row, the budget is
-    spent, or after ``max_rounds`` fills. ``on_round(round, rows probed so far)`` reports progress.
+    "Probe only the rows the analysis reaches" (issue 4, spec §7.1). The policies step in lockstep
+    on the :class:`~repdiag.transition.TransitionMatrix` ``chain``; before a step reads the chain,
+    the missing rows (uniform placeholders) that its live trajectories are about to read, in all
+    policies together, are handed to ``fill(chain, states)``, which probes them and returns the new
+    chain, most-read first while the total stays within ``max_probe_rows``. No trajectory reads a
+    placeholder while budget is left, and no row is probed that no trajectory reads: the
+    trajectories are those of :func:`simulate_policy` on the chain with every row it reads probed.
+    The simulation's columns (:func:`simulation_vocabulary`, with ``extra_ids``) grow with the probed
+    rows' entries. ``on_step(step, rows probed so far)`` reports progress after every step.
     """
-    results: dict[str, SimulationResult] = {}
-    missing_steps: dict[str, float] = {}
-    pending = list(runs)
-    probed = rounds = 0
-    while pending:
-        hits = np.zeros(chain.n_states, dtype=np.int64)
-        still_missing = []
-        for name in pending:
-            view = MissingRowCounter(chain)
-            results[name] = runs[name](view)
-            missing_steps[name] = float(view.hits.sum() / view.steps) if view.steps else 0.0
-            if view.hits.any():
-                still_missing.append(name)
-                hits += view.hits
-        budget = max_probe_rows - probed
-        if not still_missing or budget <= 0 or rounds >= max_rounds:
+    for policy in policies:
+        _check_simulable(policy)
+    all_starts, first_scores = _cycled(starts, first_scores, n_trajectories)
+    vocabulary = simulation_vocabulary(chain, starts, extra_ids)
+    walks = {p.name: _Walk(chain.order, partial(p.logits_processors), do_sample=p.do_sample, starts=all_starts,
+                           max_new_tokens=max_new_tokens, eos_token_id=eos_token_id, pad_token_id=pad_token_id,
+                           seed=seed, first_scores=first_scores)
+             for p in policies}
+    missing_reads = dict.fromkeys(walks, 0)
+    reads = dict.fromkeys(walks, 0)
+    probed = fills = 0
+    for step in range(max_new_tokens):
+        active = {name: w for name, w in walks.items() if not w.done}
+        if not active:
             break
-        reached = np.flatnonzero(hits)
-        reached = reached[np.argsort(-hits[reached], kind="stable")][:budget]
-        chain = fill(chain, reached)
-        probed += len(reached)
-        rounds += 1
-        if on_round is not None:
-            on_round(rounds, probed)
-        pending = still_missing
-    return ReachOutcome(chain, results, rounds, probed, missing_steps)
+        states = {name: chain.lookup_states(w.contexts()) for name, w in active.items() if w.reads_chain}
+        budget = max_probe_rows - probed
+        if fill is not None and budget > 0 and states:
+            wanted = np.concatenate([s[chain.missing[s]] for s in states.values()])
+            if wanted.size:
+                ids, counts = np.unique(wanted, return_counts=True)
+                ids = ids[np.argsort(-counts, kind="stable")][:budget]
+                chain = fill(chain, ids)
+                probed += len(ids)
+                fills += 1
+                if vocabulary is not None:
+                    vocabulary = np.union1d(vocabulary, chain.support(ids))
+        for name, walk in active.items():
+            if name not in states:
+                walk.advance(None, vocabulary)
+                continue
+            s = states[name]
+            read = s != chain.eos_index
+            reads[name] += int(read.sum())
+            missing_reads[name] += int((read & chain.missing[s]).sum())
+            walk.advance(chain.state_logits(s, vocabulary), vocabulary)
+        if on_step is not None:
+            on_step(step + 1, probed)
+    results = {name: w.result() for name, w in walks.items()}
+    shares = {name: missing_reads[name] / reads[name] if reads[name] else 0.0 for name in walks}
+    return ReachOutcome(chain, results, fills, probed, shares)

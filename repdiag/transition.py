@@ -44,7 +44,7 @@ import json
 import math
 import os
 import zipfile
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, NamedTuple, Sequence
 
@@ -52,6 +52,7 @@ import numpy as np
 import scipy.sparse as sp
 
 from .errors import MatrixFormatError, UsageError
+from .models import forward_accepts
 
 if TYPE_CHECKING:  # pragma: no cover
     from .models import LoadedModel
@@ -69,6 +70,7 @@ __all__ = [
     "build_probe",
     "build_trace",
     "fill_rows",
+    "ProbePrompts",
     "first_step_logits",
     "load_matrix",
     "prompts_fingerprint",
@@ -294,10 +296,14 @@ class TransitionMatrix:
         mask[r_idx, toks] = True
         return out, mask
 
-    def support(self) -> np.ndarray:
-        """Sorted token ids of every stored entry, and ``<eos>``: the tokens the chain can emit without its residual."""
-        toks = self.state_tokens[:, -1][self.csr().indices]
-        return np.union1d(toks, [self.eos_token_id]).astype(np.int64)
+    def support(self, states: np.ndarray | None = None) -> np.ndarray:
+        """Sorted token ids of every stored entry, and ``<eos>``: the tokens the chain can emit without its residual.
+
+        ``states``: of these rows' stored entries only (and ``<eos>``).
+        """
+        C = self.csr()
+        indices = C.indices if states is None else C[np.asarray(states, dtype=np.int64)].indices
+        return np.union1d(self.state_tokens[:, -1][indices], [self.eos_token_id]).astype(np.int64)
 
     def next_distribution(self, contexts: np.ndarray, columns: np.ndarray | None = None) -> np.ndarray:
         """Dense ``(B, vocab_size)`` float64 next-token distributions for ``(B, w)`` contexts.
@@ -958,8 +964,34 @@ def _prepare_prompt(lm: "LoadedModel", prompt: str) -> _PromptContext:
     if not ids:
         return _PromptContext(None, {}, 0)
     x = torch.tensor([ids], dtype=torch.long, device=dev)
-    out = model(input_ids=x, use_cache=True)
+    keep = {"logits_to_keep": 1} if forward_accepts(model, "logits_to_keep") else {}  # the last position's only
+    out = model(input_ids=x, use_cache=True, **keep)
     return _PromptContext(_out_cache(out), {}, len(ids), out.logits[0, -1])
+
+
+class ProbePrompts:
+    """Probe prompts whose prefixes (encoder pass, decoder-prefix KV cache) run once for many probes.
+
+    :func:`fill_rows` takes these in place of prompt strings: ``analyze`` probes the rows its
+    simulation reaches at every step that reaches one, and running the prompts' prefixes again
+    each time would cost as much as the rows. Tied to the model it was made for, whose weights must
+    not change meanwhile.
+    """
+
+    def __init__(self, lm: "LoadedModel", prompts: Sequence[str]):
+        self.lm = lm
+        self.prompts = list(prompts)
+        self._contexts: list[_PromptContext] | None = None
+
+    def contexts(self, lm: "LoadedModel") -> list[_PromptContext]:
+        if lm is not self.lm:
+            raise UsageError("these probe prompts were prepared for another model")
+        if self._contexts is None:
+            import torch
+
+            with torch.inference_mode():
+                self._contexts = [_prepare_prompt(lm, p) for p in self.prompts]
+        return self._contexts
 
 
 def _step_logits(lm: "LoadedModel", ctx: _PromptContext, tokens: "Any") -> "Any":
@@ -1715,7 +1747,7 @@ def _rank_unvisited(store: _RowStore, unvisited: np.ndarray, V: int, budget: int
     return unvisited[order]
 
 
-def _probe_into(lm: "LoadedModel", store: _RowStore, tokens: np.ndarray, prompts: Sequence[str], *,
+def _probe_into(lm: "LoadedModel", store: _RowStore, tokens: np.ndarray, prompts: Sequence[str] | ProbePrompts, *,
                 batch_size: int = 64, executor: Any = None) -> np.ndarray:
     """Probe ``tokens`` into ``store``; returns their row logit shifts (mean log-normaliser over prompts).
 
@@ -1725,15 +1757,19 @@ def _probe_into(lm: "LoadedModel", store: _RowStore, tokens: np.ndarray, prompts
     import torch
 
     if executor is not None:
+        texts = prompts.prompts if isinstance(prompts, ProbePrompts) else list(prompts)
         shift = np.full(lm.vocab_size, np.nan)
-        shards = executor.probe_shards(lm, list(prompts), np.asarray(tokens, dtype=np.int64), top_k=store.K,
+        shards = executor.probe_shards(lm, texts, np.asarray(tokens, dtype=np.int64), top_k=store.K,
                                        batch_size=batch_size)
         merge_probe_shards(store, shift, None, shards)
         return shift[np.asarray(tokens, dtype=np.int64)]
     shifts = np.full(len(tokens), np.nan)
     pos = 0
     with torch.inference_mode():
-        contexts = [_prepare_prompt(lm, p) for p in prompts]
+        if isinstance(prompts, ProbePrompts):
+            contexts = prompts.contexts(lm)
+        else:
+            contexts = [_prepare_prompt(lm, p) for p in prompts]
         for chunk, probs, _lse, _each in _probe_dense_rows(lm, contexts, np.asarray(tokens), batch_size=batch_size,
                                                           per_prompt=False, progress=None, top_k=store.K):
             _put_rows(store, chunk, probs, ROW_PROBE)
@@ -1744,12 +1780,16 @@ def _probe_into(lm: "LoadedModel", store: _RowStore, tokens: np.ndarray, prompts
 
 
 def fill_rows(tm: TransitionMatrix, lm: "LoadedModel", tokens: Sequence[int] | np.ndarray,
-              prompts: Sequence[str] | None = None, *, batch_size: int = 64, executor: Any = None) -> TransitionMatrix:
+              prompts: Sequence[str] | ProbePrompts | None = None, *, batch_size: int = 64,
+              executor: Any = None) -> TransitionMatrix:
     """Probe the 1-gram rows ``tokens`` that are still missing and return a new matrix with them.
 
     For the analysis that probes only the rows the simulation reaches (up to ``--max-probe-rows``,
-    ``simulate.simulate_reaching``): call with the missing states it hit. Rows already built are left
-    alone. ``executor`` (e.g. Ray): the probe runs in shards there, with the same bytes.
+    ``simulate.simulate_reaching``): call with the missing states a step is about to read, and the
+    prompts as :class:`ProbePrompts` (prefixes run once for all calls). Rows already built are left
+    alone and the other rows are not rebuilt: the new rows are spliced into the stored entries, so a
+    call costs the probe plus a copy of the matrix's arrays. ``prompts`` None: the built-in prompt
+    set. ``executor`` (e.g. Ray): the probe runs in shards there, with the same bytes.
     """
     if tm.row_source is None:
         return tm
@@ -1758,23 +1798,12 @@ def fill_rows(tm: TransitionMatrix, lm: "LoadedModel", tokens: Sequence[int] | n
     toks = toks[tm.row_source[toks] == ROW_MISSING]
     if len(toks) == 0:
         return tm
-    V = tm.vocab_size
-    store = _RowStore(tm.n_states, V, tm.eos_token_id, int(tm.meta.get("top_k", DEFAULT_TOP_K)))
-    C = tm.csr()
-    col_tok = tm.state_tokens[:, -1]
-    for s in range(tm.n_states):
-        if tm.row_source[s] in (ROW_TRACE, ROW_PROBE):
-            lo, hi = C.indptr[s], C.indptr[s + 1]
-            t = col_tok[C.indices[lo:hi]]
-            store.tokens[s], store.probs[s] = t, C.data[lo:hi].copy()
-            store.residual[s] = tm.residual[s]
-            store.source[s] = tm.row_source[s]
+    store = _RowStore(tm.n_states, tm.vocab_size, tm.eos_token_id, int(tm.meta.get("top_k", DEFAULT_TOP_K)))
     if prompts is None:
         prompts = BUILTIN_PROMPTS
-    shifts = _probe_into(lm, store, toks, list(prompts), batch_size=batch_size, executor=executor)
-    new = TransitionMatrix(np.zeros((0, 0)), np.zeros(tm.n_states), tm.eos_index, tm.state_tokens.copy(),
-                           dict(tm.meta), visits=None if tm.visits is None else tm.visits.copy())
-    new = store.assemble(new, tm.is_dense)
+    shifts = _probe_into(lm, store, toks, prompts if isinstance(prompts, ProbePrompts) else list(prompts),
+                         batch_size=batch_size, executor=executor)
+    new = _with_rows(tm, store, toks)
     shift = np.full(tm.n_states, np.nan) if tm.row_logit_shift is None else tm.row_logit_shift.copy()
     shift[toks] = shifts
     new.row_logit_shift = shift
@@ -1782,6 +1811,53 @@ def fill_rows(tm: TransitionMatrix, lm: "LoadedModel", tokens: Sequence[int] | n
     cov["n_probed"] = int(cov.get("n_probed", 0)) + len(toks)
     cov["n_missing"] = int((new.row_source == ROW_MISSING).sum())
     new.meta["coverage"] = cov
+    return new
+
+
+def _with_rows(tm: TransitionMatrix, store: _RowStore, states: np.ndarray) -> TransitionMatrix:
+    """A copy of ``tm`` whose rows ``states`` (sorted, unique, not ``<eos>``) are the ones in ``store``.
+
+    The store's token columns are mapped to successor states as :meth:`_RowStore.assemble` does; the
+    other rows' entries are copied as they are (no re-sort of the whole matrix), and the state set,
+    hence the context lookup, is unchanged.
+    """
+    rows = [(s, store.tokens[s], store.probs[s]) for s in states.tolist()]
+    r = np.concatenate([np.full(len(t), s, dtype=np.int64) for s, t, _ in rows])
+    t_all = np.concatenate([t for _, t, _ in rows]).astype(np.int64)
+    v = np.concatenate([p for _, _, p in rows]).astype(np.float64)
+    c = tm.successor_states(r, t_all)
+    o = np.lexsort((c, r))
+    r, c, v = r[o], c[o], v[o]
+    if tm.is_dense:
+        matrix = np.array(tm.matrix, copy=True)
+        matrix[states] = 0.0
+        matrix[r, c] = v
+    else:
+        old = tm.matrix
+        lengths = np.diff(old.indptr)
+        new_lengths = lengths.copy()
+        new_lengths[states] = np.bincount(r, minlength=tm.n_states)[states]
+        indptr = np.concatenate([[0], np.cumsum(new_lengths)]).astype(old.indptr.dtype)
+        indices = np.empty(int(indptr[-1]), dtype=old.indices.dtype)
+        data = np.empty(int(indptr[-1]), dtype=np.float64)
+        entry_row = np.repeat(np.arange(tm.n_states), lengths)
+        kept_rows = np.ones(tm.n_states, dtype=bool)
+        kept_rows[states] = False
+        src = np.flatnonzero(kept_rows[entry_row])
+        src_row = entry_row[src]
+        dest = indptr[src_row] + (src - old.indptr[src_row])
+        indices[dest], data[dest] = old.indices[src], old.data[src]
+        dest = indptr[r] + (np.arange(len(r)) - np.searchsorted(r, r))
+        indices[dest], data[dest] = c, v
+        matrix = sp.csr_matrix((data, indices, indptr), shape=old.shape)
+        matrix.has_sorted_indices = True
+    residual = tm.residual.copy()
+    residual[states] = store.residual[states]
+    source = tm.row_source.copy()
+    source[states] = store.source[states]
+    new = replace(tm, matrix=matrix, residual=residual, row_source=source, meta=dict(tm.meta),
+                              per_prompt=None)
+    new._lookup = tm._lookup
     return new
 
 

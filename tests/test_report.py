@@ -330,7 +330,7 @@ def test_environment_current_has_versions():
 
 def test_markdown_says_how_many_rows_the_simulation_made_the_analysis_probe():
     data = json.loads(EXAMPLE.read_text())
-    data["matrix"]["reached_rows"] = {"probed": 1390, "rounds": 8, "max_probe_rows": 4096,
+    data["matrix"]["reached_rows"] = {"probed": 1390, "fills": 8, "max_probe_rows": 4096,
                                       "missing_step_share": {"greedy": 0.0}}
     text = render_markdown(Report.from_dict(data))
-    assert "1390 unvisited rows probed as the simulation reached them (8 rounds)" in text
+    assert "1390 unvisited rows probed as the simulation reached them (at 8 steps)" in text

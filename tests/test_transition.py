@@ -534,31 +534,23 @@ def test_trace_probe_budget_and_fill_rows():
 
 def _reach_setup(names=("greedy", "temperature_1.3", "top_k_10")):
     from repdiag.mitigations import resolve_mitigations
-    from repdiag.simulate import simulate_policy
 
     lm = _wrap("gpt2", dtype=torch.float64)
     trace_prompts = ["a b c", "d e f g"]
     chain = build_trace(lm, trace_prompts, order=2, top_k=8, max_new_tokens=6, seed=1, probe_fallback=False)
     starts = [lm.tokenizer(p)["input_ids"] for p in ["h i", "j k l"]]
     policies = resolve_mitigations(list(names))
-    calls: dict[str, int] = {}
-
-    def run(policy):
-        def simulate(view):
-            calls[policy.name] = calls.get(policy.name, 0) + 1
-            return simulate_policy(view, policy, starts=starts, n_trajectories=24, max_new_tokens=12,
-                                   eos_token_id=lm.eos_token_id, pad_token_id=lm.pad_token_id, seed=5)
-        return simulate
-
-    runs = {p.name: run(p) for p in policies}
-    return lm, trace_prompts, chain, runs, calls
+    settings = dict(starts=starts, n_trajectories=24, max_new_tokens=12, eos_token_id=lm.eos_token_id,
+                    pad_token_id=lm.pad_token_id, seed=5)
+    return lm, trace_prompts, chain, policies, settings
 
 
 def test_simulate_reaching_probes_only_reached_rows_and_matches_a_full_probe():
-    from repdiag.simulate import simulate_reaching
+    from repdiag.simulate import simulate_policy, simulate_reaching
 
     # greedy-based policies on a 32-token model: sampling would reach every row
-    lm, trace_prompts, chain, runs, calls = _reach_setup(("greedy", "repetition_penalty_1.5", "no_repeat_ngram_3"))
+    lm, trace_prompts, chain, policies, settings = _reach_setup(("greedy", "repetition_penalty_1.5",
+                                                                 "no_repeat_ngram_3"))
     n_missing = int(chain.missing.sum())
     assert n_missing > 5  # a short trace leaves most rows unvisited
     filled_sets: list[np.ndarray] = []
@@ -567,43 +559,64 @@ def test_simulate_reaching_probes_only_reached_rows_and_matches_a_full_probe():
         filled_sets.append(np.asarray(tokens))
         return fill_rows(current, lm, tokens, trace_prompts)
 
-    out = simulate_reaching(chain, runs, fill, max_probe_rows=10_000)
-    assert out.rounds == len(filled_sets) >= 1
+    out = simulate_reaching(chain, policies, fill=fill, max_probe_rows=10_000, **settings)
+    assert out.fills == len(filled_sets) >= 1
     assert out.probed == sum(len(t) for t in filled_sets) < n_missing  # not the whole vocabulary
     assert all(share == 0.0 for share in out.missing_steps.values())
     # every filled row was a missing row that a simulation stepped on, and none was filled twice
     reached = np.concatenate(filled_sets)
     assert len(np.unique(reached)) == len(reached) and chain.missing[reached].all()
     assert out.chain.coverage()["n_probed"] == out.probed
-    assert max(calls.values()) <= out.rounds + 1  # a policy is simulated once per round at most
-    # the same sequences as on a chain with every unvisited row probed (float64: rows agree to rounding)
+    # the same sequences as simulate_policy on a chain with every unvisited row probed (float64: rows
+    # agree to rounding), and every probed row was read by some trajectory
     full = fill_rows(chain, lm, np.flatnonzero(chain.missing), trace_prompts)
-    for name, simulate in runs.items():
-        assert simulate(full).sequences == out.results[name].sequences
+    read = set()
+    for policy in policies:
+        result = simulate_policy(full, policy, **settings)
+        assert result.sequences == out.results[policy.name].sequences
+        for seq, done, start in zip(result.sequences, result.terminated, settings["starts"] * 12):
+            history = [start[-1], *seq]  # the last token of each context a step read
+            read.update(history if done else history[:-1])  # an unfinished walk never reads its last token
+    assert set(reached.tolist()) <= read
+
+
+def test_simulate_reaching_on_compact_columns_that_grow_with_the_probed_rows(monkeypatch):
+    """Large-vocabulary mode (forced here on 32 tokens): the columns start as the trace's entries and
+    grow with each probed row's; the draws equal a run on the fully probed chain's wider columns."""
+    import repdiag.simulate as sim
+
+    monkeypatch.setattr(sim, "FULL_VOCABULARY_MAX", 8)
+    lm, trace_prompts, chain, policies, settings = _reach_setup(("greedy", "temperature_1.3", "top_p_0.9",
+                                                                 "repetition_penalty_1.5"))
+    extra = (lm.eos_token_id, lm.pad_token_id)
+    start_columns = sim.simulation_vocabulary(chain, settings["starts"], extra)
+    out = sim.simulate_reaching(chain, policies, fill=lambda c, t: fill_rows(c, lm, t, trace_prompts),
+                                max_probe_rows=10_000, extra_ids=extra, **settings)
+    assert out.probed > 0 and all(share == 0.0 for share in out.missing_steps.values())
+    full = fill_rows(chain, lm, np.flatnonzero(chain.missing), trace_prompts)
+    wide = sim.simulation_vocabulary(full, settings["starts"], extra)
+    assert len(start_columns) < len(wide)
+    for policy in policies:
+        assert sim.simulate_policy(full, policy, vocabulary=wide, **settings).sequences == \
+            out.results[policy.name].sequences
 
 
 def test_simulate_reaching_respects_the_budget_and_reports_what_is_left():
-    from repdiag.simulate import simulate_reaching
+    from repdiag.simulate import simulate_policy, simulate_reaching
 
-    lm, trace_prompts, chain, runs, _calls = _reach_setup()
-    out = simulate_reaching(chain, runs, lambda c, t: fill_rows(c, lm, t, trace_prompts), max_probe_rows=3)
+    lm, trace_prompts, chain, policies, settings = _reach_setup()
+    out = simulate_reaching(chain, policies, fill=lambda c, t: fill_rows(c, lm, t, trace_prompts), max_probe_rows=3,
+                            **settings)
     assert out.probed <= 3 and out.chain.coverage()["n_probed"] == out.probed
     assert max(out.missing_steps.values()) > 0  # 3 rows cannot cover a temperature-1.3 walk
-    none = simulate_reaching(chain, runs, lambda c, t: pytest.fail("no probing with a zero budget"),
-                             max_probe_rows=0)
-    assert none.probed == 0 and none.rounds == 0 and none.chain is chain
-
-
-def test_missing_row_counter_counts_steps_on_placeholder_rows():
-    from repdiag.simulate import MissingRowCounter
-
-    _lm, _p, chain, _runs, _calls = _reach_setup()
-    view = MissingRowCounter(chain)
-    missing_tok = int(np.flatnonzero(chain.missing)[0])
-    visited_tok = int(np.flatnonzero(chain.visited[: chain.vocab_size])[0])
-    ctx = np.array([[-1, missing_tok], [-1, visited_tok], [-1, missing_tok]])
-    np.testing.assert_array_equal(view.next_logits(ctx), chain.next_logits(ctx))
-    assert view.steps == 3 and view.hits[missing_tok] == 2 and view.hits.sum() == 2
+    none = simulate_reaching(chain, policies, fill=lambda c, t: pytest.fail("no probing with a zero budget"),
+                             max_probe_rows=0, **settings)
+    assert none.probed == 0 and none.fills == 0 and none.chain is chain
+    # without probing, the lockstep run is simulate_policy's run on the chain as it is
+    for policy in policies:
+        assert none.results[policy.name].sequences == simulate_policy(chain, policy, **settings).sequences
+    share = none.missing_steps["greedy"]
+    assert 0 < share < 1
 
 
 def test_trace_teacher_forced_pass_in_sub_batches_equals_one_pass(monkeypatch):
@@ -619,6 +632,23 @@ def test_trace_teacher_forced_pass_in_sub_batches_equals_one_pass(monkeypatch):
     assert split.n_states == whole.n_states
     np.testing.assert_allclose(split.to_dense(), whole.to_dense(), rtol=0, atol=1e-13)
     np.testing.assert_array_equal(split.visits, whole.visits)
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "t5"])
+def test_fill_rows_with_prepared_probe_prompts_gives_the_same_rows(arch):
+    from repdiag.transition import ProbePrompts
+
+    lm = _wrap(arch)
+    tm = build_trace(lm, ["a b"], order=2, top_k=3, max_new_tokens=4, modes=("greedy",), probe_fallback=False)
+    missing = np.flatnonzero(tm.missing)
+    prepared = ProbePrompts(lm, ["a b", "c"])
+    step1 = fill_rows(tm, lm, missing[:3], prepared, batch_size=3)  # the same batches as `here`: same bytes
+    step2 = fill_rows(step1, lm, missing[3:9], prepared, batch_size=3)  # the prefixes are reused, unchanged
+    here = fill_rows(tm, lm, missing[:9], ["a b", "c"], batch_size=3)
+    np.testing.assert_array_equal(step2.to_dense(), here.to_dense())
+    np.testing.assert_array_equal(step2.row_logit_shift, here.row_logit_shift)
+    with pytest.raises(UsageError, match="another model"):
+        fill_rows(tm, _wrap(arch, seed=1), missing[:2], prepared)
 
 
 def test_fill_rows_on_an_executor_gives_the_same_rows():

@@ -156,7 +156,7 @@ def render_markdown(report: Report, *, max_examples: int = 6, max_cycles: int = 
     reached = mx.extra.get("reached_rows")
     if isinstance(reached, dict) and reached.get("probed") is not None:
         matrix_bits.append(f"{format_number(reached['probed'])} unvisited rows probed as the simulation reached them "
-                           f"({format_number(reached.get('rounds'))} rounds)")
+                           f"(at {format_number(reached.get('fills'))} steps)")
     out.append("Transition matrix: " + ", ".join(matrix_bits) + ".")
     if pr.split_rule:
         out.append(f"Prompt split: {_esc(pr.split_rule)} (source: {_esc(pr.source)}).")
