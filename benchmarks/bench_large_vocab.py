@@ -12,7 +12,11 @@ The tokenizer is the bundled model's byte-level BPE (4,096 entries) with extra e
 to 262,144 ids: the prompts tokenize to real sub-words and every id decodes.
 
 Prints the wall time of the whole command, each stage's time from ``timings.json``, the rows traced and
-probed, and how the simulation sampled (``prediction.simulation_vocabulary``).
+probed, and how the simulation sampled (``prediction.simulation_vocabulary``). Then, in the same run,
+the yardstick: one plain greedy ``generate()`` of the same size (as many prompts as ``analyze``
+measures on, ``--max-new-tokens`` tokens each) with the same torch threads, and ``analyze``'s wall
+time in units of it. ``analyze`` runs at least eight such batches (two trace modes, six mitigations),
+so about 8 is the floor; the ratio, unlike the seconds, carries over between machines and loads.
 
     .venv/bin/python benchmarks/bench_large_vocab.py --prompts 12 --max-new-tokens 64
 """
@@ -81,6 +85,24 @@ def mean_top1(model, folder: Path) -> float:
     return float(top1[enc["attention_mask"].bool()].mean())
 
 
+def plain_generate_seconds(folder: Path, n_prompts: int, max_new_tokens: int) -> float:
+    """Wall time of one greedy ``generate()`` of ``n_prompts`` built-in prompts × ``max_new_tokens`` tokens."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from repdiag.prompts import BUILTIN_PROMPTS
+
+    tok = AutoTokenizer.from_pretrained(folder)
+    tok.padding_side = "left"
+    model = AutoModelForCausalLM.from_pretrained(folder).eval()
+    enc = tok(list(BUILTIN_PROMPTS[:n_prompts]), return_tensors="pt", padding=True)
+    with torch.inference_mode():
+        t0 = time.perf_counter()
+        model.generate(**enc, do_sample=False, max_new_tokens=max_new_tokens, min_new_tokens=max_new_tokens,
+                       pad_token_id=0)
+        return time.perf_counter() - t0
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--prompts", type=int, default=12)
@@ -126,6 +148,10 @@ def main() -> None:
         print("reached rows:", json.dumps(report["matrix"]["reached_rows"]))
         print("simulation vocabulary:", json.dumps(report["prediction"]["simulation_vocabulary"]))
         print("prediction spearman:", json.dumps(report["prediction"]["spearman"]))
+        n_measure = report["prompts"]["n_measure"]
+        plain = plain_generate_seconds(folder, n_measure, args.max_new_tokens)
+        print(f"yardstick: one plain greedy generate() of {n_measure} prompts × {args.max_new_tokens} tokens "
+              f"took {plain:.1f} s; analyze took {wall / plain:.1f}× that")
 
 
 if __name__ == "__main__":

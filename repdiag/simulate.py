@@ -84,12 +84,18 @@ def simulation_vocabulary(chain: Any, starts: Sequence[Sequence[int]], extra_ids
     return np.union1d(np.union1d(chain.support(), start_ids), np.asarray(extra_ids, dtype=np.int64).ravel())
 
 
+def compact_ids(vocabulary: np.ndarray, tokens: np.ndarray) -> np.ndarray:
+    """Positions of ``tokens`` in the sorted ``vocabulary`` (ValueError naming the first one not there)."""
+    pos = np.minimum(np.searchsorted(vocabulary, tokens), len(vocabulary) - 1)
+    absent = vocabulary[pos] != tokens
+    if absent.any():
+        raise ValueError(f"token {int(np.asarray(tokens)[absent].flat[0])} is not in the simulation vocabulary")
+    return pos
+
+
 def compact_id(vocabulary: np.ndarray, token: int) -> int:
     """The position of ``token`` in the sorted ``vocabulary`` (ValueError when it is not there)."""
-    pos = int(np.searchsorted(vocabulary, token))
-    if pos >= len(vocabulary) or vocabulary[pos] != token:
-        raise ValueError(f"token {token} is not in the simulation vocabulary")
-    return pos
+    return int(compact_ids(vocabulary, np.array([token]))[0])
 
 
 class _Walk:
@@ -162,8 +168,8 @@ class _Walk:
         history = self.history[:, :end]
         eos_c = self.eos
         if vocabulary is not None:
-            history = _compact(vocabulary, history)
-            eos_c = int(_compact(vocabulary, np.array([self.eos]))[0])
+            history = compact_ids(vocabulary, history)
+            eos_c = compact_id(vocabulary, self.eos)
         if eos_c not in self._processors:
             self._processors[eos_c] = self._processors_for(eos_c)
         scores = torch.from_numpy(np.array(chain_scores, dtype=np.float32))
@@ -192,15 +198,6 @@ class _Walk:
             sequences.append(tuple(int(t) for t in seq[:cut]))
             terminated.append(bool(eos_at.size))
         return SimulationResult(tuple(sequences), tuple(terminated), self.order, self.seed)
-
-
-def _compact(vocabulary: np.ndarray, tokens: np.ndarray) -> np.ndarray:
-    """Positions of ``tokens`` in the sorted ``vocabulary`` (ValueError naming the first one not there)."""
-    pos = np.minimum(np.searchsorted(vocabulary, tokens), len(vocabulary) - 1)
-    absent = vocabulary[pos] != tokens
-    if absent.any():
-        raise ValueError(f"token {int(tokens[absent].flat[0])} is not in the simulation vocabulary")
-    return pos
 
 
 def simulate_chain(
