@@ -342,7 +342,7 @@ def simulate_reaching(
         _check_simulable(policy)
     all_starts, first_scores = _cycled(starts, first_scores, n_trajectories)
     vocabulary = simulation_vocabulary(chain, starts, extra_ids)
-    walks = {p.name: _Walk(chain.order, partial(p.logits_processors), do_sample=p.do_sample, starts=all_starts,
+    walks = {p.name: _Walk(chain.order, p.logits_processors, do_sample=p.do_sample, starts=all_starts,
                            max_new_tokens=max_new_tokens, eos_token_id=eos_token_id, pad_token_id=pad_token_id,
                            seed=seed, first_scores=first_scores)
              for p in policies}
