@@ -28,8 +28,9 @@ as ``(B, k, L)`` without copying the context ``k`` times.
 
 from __future__ import annotations
 
-import inspect
 from typing import Any
+
+from .models import forward_accepts
 
 __all__ = ["contrastive_generate", "contrastive_search"]
 
@@ -116,7 +117,7 @@ def contrastive_generate(
         mask = model_kwargs.get("attention_mask")
         if mask is None:
             mask = torch.ones_like(input_ids)
-        accepts_pos = "position_ids" in inspect.signature(model.forward).parameters
+        accepts_pos = forward_accepts(model, "position_ids")
 
     unfinished = torch.ones(B, dtype=torch.long, device=device)
     logits, ctx_hidden, cache = _forward(model, input_ids, mask, enc_outputs, enc_mask, accepts_pos,

@@ -222,7 +222,7 @@ def _simulate_all(chain: Any, policies: Sequence[Any], lm: Any, trace_prompts: A
     """
     from . import metrics as metrics_mod
     from .measure import sentence_end_ids
-    from .simulate import is_simulable, simulate_reaching, simulation_vocabulary
+    from .simulate import is_simulable, simulate_reaching
     from .transition import ProbePrompts, fill_rows
 
     first_scores = None
@@ -252,7 +252,6 @@ def _simulate_all(chain: Any, policies: Sequence[Any], lm: Any, trace_prompts: A
                               pad_token_id=lm.pad_token_id, seed=options.seed, first_scores=first_scores,
                               extra_ids=extra_ids, fill=fill, max_probe_rows=options.max_probe_rows,
                               on_step=lambda _step, _probed: stages.advance())
-    n_columns = simulation_vocabulary(reach.chain, starts, extra_ids)
     ends, dot = sentence_end_ids(lm.tokenizer)
     predicted, stderr = {}, {}
     for policy in simulable:
@@ -265,7 +264,7 @@ def _simulate_all(chain: Any, policies: Sequence[Any], lm: Any, trace_prompts: A
                                                               "length")}
         predicted[policy.name]["n_trajectories"] = result.n_trajectories
         stderr[policy.name] = {k: se.get(k) for k in PREDICTED_METRICS}
-    return predicted, stderr, reach, _vocabulary_section(reach.chain, None if n_columns is None else len(n_columns))
+    return predicted, stderr, reach, _vocabulary_section(reach.chain, None if reach.columns is None else len(reach.columns))
 
 
 def _vocabulary_section(chain: Any, n_columns: int | None) -> dict[str, Any]:

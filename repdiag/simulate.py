@@ -300,7 +300,8 @@ class ReachOutcome:
 
     ``fills`` is the number of steps at which rows were probed, ``probed`` the rows probed in all.
     ``missing_steps[name]`` is the share of the policy's simulated steps (before ``<eos>``) that read
-    a missing row (a uniform placeholder): 0 when the probe budget sufficed.
+    a missing row (a uniform placeholder): 0 when the probe budget sufficed. ``columns``: the
+    simulation's columns at the end (``None``: the whole vocabulary).
     """
 
     chain: Any
@@ -308,6 +309,7 @@ class ReachOutcome:
     fills: int
     probed: int
     missing_steps: dict[str, float]
+    columns: np.ndarray | None
 
 
 def simulate_reaching(
@@ -355,12 +357,14 @@ def simulate_reaching(
             break
         states = {name: chain.lookup_states(w.contexts()) for name, w in active.items() if w.reads_chain}
         budget = max_probe_rows - probed
+        missing = chain.missing
         if fill is not None and budget > 0 and states:
-            wanted = np.concatenate([s[chain.missing[s]] for s in states.values()])
+            wanted = np.concatenate([s[missing[s]] for s in states.values()])
             if wanted.size:
                 ids, counts = np.unique(wanted, return_counts=True)
                 ids = ids[np.argsort(-counts, kind="stable")][:budget]
                 chain = fill(chain, ids)
+                missing = chain.missing
                 probed += len(ids)
                 fills += 1
                 if vocabulary is not None:
@@ -372,10 +376,10 @@ def simulate_reaching(
             s = states[name]
             read = s != chain.eos_index
             reads[name] += int(read.sum())
-            missing_reads[name] += int((read & chain.missing[s]).sum())
+            missing_reads[name] += int((read & missing[s]).sum())
             walk.advance(chain.state_logits(s, vocabulary), vocabulary)
         if on_step is not None:
             on_step(step + 1, probed)
     results = {name: w.result() for name, w in walks.items()}
     shares = {name: missing_reads[name] / reads[name] if reads[name] else 0.0 for name in walks}
-    return ReachOutcome(chain, results, fills, probed, shares)
+    return ReachOutcome(chain, results, fills, probed, shares, vocabulary)

@@ -914,12 +914,9 @@ def _out_cache(out: Any) -> Any:
 
 
 def _cache_kwarg(model: Any) -> str:
-    import inspect
-
     name = getattr(model, "_repdiag_cache_kwarg", None)
     if name is None:
-        params = inspect.signature(model.forward).parameters
-        name = "cache" if "cache" in params else "past_key_values"
+        name = "cache" if forward_accepts(model, "cache") else "past_key_values"
         try:
             model._repdiag_cache_kwarg = name
         except AttributeError:  # pragma: no cover

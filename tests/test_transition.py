@@ -593,6 +593,8 @@ def test_simulate_reaching_on_compact_columns_that_grow_with_the_probed_rows(mon
     out = sim.simulate_reaching(chain, policies, fill=lambda c, t: fill_rows(c, lm, t, trace_prompts),
                                 max_probe_rows=10_000, extra_ids=extra, **settings)
     assert out.probed > 0 and all(share == 0.0 for share in out.missing_steps.values())
+    # the columns it ends with are those of the filled chain
+    np.testing.assert_array_equal(out.columns, sim.simulation_vocabulary(out.chain, settings["starts"], extra))
     full = fill_rows(chain, lm, np.flatnonzero(chain.missing), trace_prompts)
     wide = sim.simulation_vocabulary(full, settings["starts"], extra)
     assert len(start_columns) < len(wide)
